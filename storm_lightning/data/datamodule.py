@@ -1,0 +1,326 @@
+"""WebDataset shards -> padded multimodal batches.
+
+Shard format (``docs/data.md``): each sample is ``<key>.json`` (LLaVA conversations) plus at most one
+media entry ``<key>.{jpg,png,webp}`` or ``<key>.{mp4,webm,mkv}``. Entries are read as raw bytes and
+decoded here: webdataset's default decoders are never used (they unpickle ``.pkl``/``.pyd``).
+
+Training mixes several sources by weight, forever (Lightning's ``max_steps`` ends the run). Validation
+reads each source once. Shards are split across ranks and data workers; when there are fewer shards
+than readers, every reader reads all shards and keeps every ``readers``-th sample instead.
+
+A batch (``collate``)::
+
+    input_ids, labels, attention_mask : (B, L)         labels = -100 except assistant tokens
+    pixel_values                      : (F, 3, S, S)   uint8, all frames of the batch's media, or None
+    frames_per_sample                 : (B,)           T of each sample's media, 0 for text-only
+    frame_indices                     : list of B lists, the source-video frame of each frame
+    skipped                           : {source: samples skipped since the previous batch}
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import lightning as L
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from storm_lightning.data.media import IMAGE_EXTS, VIDEO_EXTS, decode_image, decode_video
+from storm_lightning.tokenizer import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    encode_conversation,
+    load_tokenizer,
+    media_token_ids,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardSource:
+    """One source of shards. ``shards``: a brace pattern (``train/video32-{000000..000003}.tar``) or a
+    glob. ``frames_per_clip``: frames sampled uniformly over each video of this source."""
+
+    name: str
+    shards: str
+    weight: float = 1.0
+    frames_per_clip: int = 32
+
+    def shard_paths(self, key: str) -> list[str]:
+        paths = [p for pattern in braceexpand(self.shards) for p in sorted(glob.glob(pattern))]
+        if not paths:
+            raise FileNotFoundError(f"{key}: no shard matches '{self.shards}' (source '{self.name}')")
+        return paths
+
+
+@dataclass
+class SampleProcessor:
+    """Raw tar entries of one sample -> model-ready tensors. Raises on any bad sample."""
+
+    tokenizer_path: str
+    image_size: int
+    max_length: int
+    _tokenizer: object = field(default=None, init=False, repr=False)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:  # loaded lazily, once per worker process
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def __call__(self, raw: dict, source: ShardSource) -> dict:
+        if "json" not in raw:
+            raise ValueError("no .json entry")
+        meta = json.loads(raw["json"].decode("utf-8"))
+        conversations = meta["conversations"]
+        image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+        video_ext = next((e for e in VIDEO_EXTS if e in raw), None)
+        pixel_values, frame_indices = None, []
+        if video_ext is not None:
+            pixel_values, frame_indices = decode_video(raw[video_ext], source.frames_per_clip, self.image_size)
+            placeholder = VIDEO_TOKEN
+        elif image_ext is not None:
+            pixel_values, frame_indices = decode_image(raw[image_ext], self.image_size), [0]
+            placeholder = IMAGE_TOKEN
+
+        human_text = "".join(t.get("value", "") for t in conversations if t.get("from") in ("human", "user"))
+        n_placeholders = human_text.count(IMAGE_TOKEN) + human_text.count(VIDEO_TOKEN)
+        if pixel_values is None and n_placeholders:
+            raise ValueError("media placeholder but no media entry")
+        if pixel_values is not None:
+            if n_placeholders > 1:
+                raise ValueError(f"{n_placeholders} media placeholders for one media entry")
+            conversations = [dict(t) for t in conversations]
+            first_human = next(t for t in conversations if t.get("from") in ("human", "user"))
+            if n_placeholders == 0:  # LLaVA convention: media goes first
+                first_human["value"] = f"{placeholder}\n{first_human['value']}"
+            else:  # either placeholder word works for either medium
+                first_human["value"] = first_human["value"].replace(IMAGE_TOKEN, placeholder).replace(
+                    VIDEO_TOKEN, placeholder
+                )
+
+        ids, labels = encode_conversation(self.tokenizer, conversations, self.max_length)
+        if pixel_values is not None and not set(media_token_ids(self.tokenizer)) & set(ids):
+            raise ValueError(f"media placeholder truncated away by max_length={self.max_length}")
+        if all(label == IGNORE_INDEX for label in labels):
+            raise ValueError(f"no assistant token left within max_length={self.max_length}")
+        sample = {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": pixel_values,
+            "frame_indices": frame_indices,
+            "key": raw.get("__key__", ""),
+            "source": source.name,
+        }
+        for extra in ("options", "answer", "category"):
+            if extra in meta:
+                sample[extra] = meta[extra]
+        return sample
+
+
+def _reader_position() -> tuple[int, int]:
+    """(index, count) of this reader among all ranks x data workers."""
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return rank * workers + worker, world * workers
+
+
+class ShardStream(IterableDataset):
+    """Samples of several sources: mixed by weight forever (``infinite``), or each source once in turn."""
+
+    def __init__(
+        self,
+        sources: list[ShardSource],
+        shard_lists: list[list[str]],
+        processor: SampleProcessor,
+        infinite: bool,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.sources, self.shard_lists, self.processor = sources, shard_lists, processor
+        self.infinite, self.shuffle_buffer, self.seed = infinite, shuffle_buffer, seed
+        self.skipped: Counter = Counter()  # per reader process
+
+    def _raw_samples(self, src: int, reader: int, readers: int, epoch: int):
+        shards = list(self.shard_lists[src])
+        rng = random.Random(f"{self.seed}-{src}-{epoch}")  # str seeds are hashed stably (sha512)
+        if self.infinite:
+            rng.shuffle(shards)  # same order on every reader, then split
+        split_shards = len(shards) >= readers
+        mine = shards[reader::readers] if split_shards else shards
+
+        def count_and_continue(exn: Exception) -> bool:
+            self.skipped[self.sources[src].name] += 1
+            log.warning("source '%s': unreadable shard data skipped: %s", self.sources[src].name, exn)
+            return True
+
+        samples = wds.tarfile_to_samples(handler=count_and_continue)({"url": url} for url in mine)
+        if not split_shards:
+            samples = itertools.islice(samples, reader, None, readers)
+        return samples
+
+    def _source_samples(self, src: int, reader: int, readers: int):
+        source = self.sources[src]
+        rng = random.Random(f"{self.seed}-{src}-{reader}-shuffle")
+        for epoch in itertools.count() if self.infinite else range(1):
+            buffer: list[dict] = []
+            produced = 0
+            for raw in self._raw_samples(src, reader, readers, epoch):
+                if self.shuffle_buffer > 1:  # shuffle raw bytes, before the expensive decode
+                    buffer.append(raw)
+                    if len(buffer) < self.shuffle_buffer:
+                        continue
+                    raw = buffer.pop(rng.randrange(len(buffer)))
+                for sample in self._process(raw, source):
+                    produced += 1
+                    yield sample
+            rng.shuffle(buffer)
+            for raw in buffer:
+                for sample in self._process(raw, source):
+                    produced += 1
+                    yield sample
+            if self.infinite and not produced:
+                raise RuntimeError(
+                    f"source '{source.name}' gave no usable sample in a whole pass over {self.shard_lists[src]}"
+                )
+
+    def _process(self, raw: dict, source: ShardSource):
+        """Yields the processed sample, or nothing (counted and logged) if it is bad."""
+        try:
+            sample = self.processor(raw, source)
+        except Exception as exn:  # a bad sample costs one sample, never the run
+            self.skipped[source.name] += 1
+            log.warning("source '%s': skipped sample '%s': %s: %s", source.name, raw.get("__key__"),
+                        type(exn).__name__, exn)
+            return
+        sample["skipped"], self.skipped = dict(self.skipped), Counter()
+        yield sample
+
+    def __iter__(self):
+        reader, readers = _reader_position()
+        streams = [self._source_samples(i, reader, readers) for i in range(len(self.sources))]
+        if not self.infinite:
+            yield from itertools.chain(*streams)
+            return
+        rng = random.Random(f"{self.seed}-{reader}-mix")
+        weights = [s.weight for s in self.sources]
+        while True:
+            yield next(streams[rng.choices(range(len(streams)), weights)[0]])
+
+
+def collate(samples: list[dict], pad_id: int) -> dict:
+    length = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = s["input_ids"], s["labels"], 1
+    media = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    skipped: Counter = Counter()
+    for s in samples:
+        skipped.update(s["skipped"])
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.cat(media) if media else None,
+        "frames_per_sample": torch.tensor([0 if s["pixel_values"] is None else len(s["pixel_values"])
+                                           for s in samples]),
+        "frame_indices": [s["frame_indices"] for s in samples],
+        "keys": [s["key"] for s in samples],
+        "sources": [s["source"] for s in samples],
+        "skipped": dict(skipped),
+    }
+    for extra in ("options", "answer", "category"):
+        batch[extra] = [s.get(extra) for s in samples]
+    return batch
+
+
+class _Collate:  # a picklable callable, for worker processes
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, samples: list[dict]) -> dict:
+        return collate(samples, self.pad_id)
+
+
+class StormDataModule(L.LightningDataModule):
+    """Mixed text / image / video WebDataset shards for STORM.
+
+    ``image_size`` must equal the vision backbone's (checked when fitting starts). ``train_sources``
+    are mixed by ``weight``; ``val_sources`` are each read once per validation run.
+    """
+
+    def __init__(
+        self,
+        train_sources: list[ShardSource],
+        val_sources: list[ShardSource] | None = None,
+        tokenizer_path: str = "data_shards/tokenizer",
+        image_size: int = 64,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 1,
+        max_length: int = 4096,
+        shuffle_buffer: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not train_sources:
+            raise ValueError("data.train_sources: at least one source is required")
+        for i, src in enumerate(list(train_sources) + list(val_sources or [])):
+            if src.weight < 0 or src.frames_per_clip < 1:
+                raise ValueError(f"data sources[{i}] ('{src.name}'): weight must be >= 0 and frames_per_clip >= 1")
+        self.train_sources, self.val_sources = list(train_sources), list(val_sources or [])
+        self.tokenizer_path, self.image_size = tokenizer_path, image_size
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.max_length = num_workers, max_length
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        # fail now, before anything is read, on a missing tokenizer or shard path
+        self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path")
+        self.train_shards = [s.shard_paths(f"data.train_sources[{i}].shards") for i, s in enumerate(self.train_sources)]
+        self.val_shards = [s.shard_paths(f"data.val_sources[{i}].shards") for i, s in enumerate(self.val_sources)]
+
+    def video_frames(self) -> dict[str, int]:
+        """frames_per_clip of every source, by config key (for the model's compressor checks)."""
+        keys = {f"data.train_sources[{i}].frames_per_clip": s.frames_per_clip for i, s in enumerate(self.train_sources)}
+        keys.update({f"data.val_sources[{i}].frames_per_clip": s.frames_per_clip for i, s in enumerate(self.val_sources)})
+        return keys
+
+    def _processor(self) -> SampleProcessor:
+        return SampleProcessor(self.tokenizer_path, self.image_size, self.max_length)
+
+    def _loader(self, dataset: IterableDataset, batch_size: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            collate_fn=_Collate(self.tokenizer.pad_token_id),
+            persistent_workers=self.num_workers > 0,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        stream = ShardStream(self.train_sources, self.train_shards, self._processor(), infinite=True,
+                             shuffle_buffer=self.shuffle_buffer, seed=self.seed)
+        return self._loader(stream, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_sources:
+            return []
+        stream = ShardStream(self.val_sources, self.val_shards, self._processor(), infinite=False, seed=self.seed)
+        return self._loader(stream, self.val_batch_size)

@@ -1,0 +1,279 @@
+"""``StormModel``: vision -> downsampler -> projector -> compressors -> LLM, and how it is trained.
+
+Shapes at each boundary (F = all frames in the batch, B_T = clips of T frames)::
+
+    pixel_values (F, 3, S, S) uint8 --normalise--> vision --> (F, N_hat, D_vision)
+      --downsampler--> (F, N, D_in)                               N = N_hat / r^2, grid (h, w)
+      --split into clips, grouped by T--> (B_T, T, N, D_in)
+      --projector--> (B_T, T, N, D_llm) --compressors--> (B_T, T', N', D_llm)
+      --flatten--> T' * N' visual tokens replacing the sample's <image>/<video> token in the LLM input.
+
+The loss is next-token cross-entropy on assistant tokens only; the LM head runs only on those positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from storm_lightning.compressors import Compressor, TemporalAveragePool, chain_output_shape
+from storm_lightning.downsamplers import Downsampler
+from storm_lightning.llm import CausalLM
+from storm_lightning.projectors import Projector
+from storm_lightning.tokenizer import IGNORE_INDEX, load_tokenizer, media_token_ids
+from storm_lightning.vision import VisionBackbone
+
+log = logging.getLogger(__name__)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class StormModel(L.LightningModule):
+    """A STORM video-LLM and its training step.
+
+    Args:
+        vision, downsampler, projector, llm: the components (``class_path`` + ``init_args`` in YAML).
+        compressors: applied in order after the projector; ``[]`` for none.
+        tokenizer_path: the tokenizer directory (linked from ``data.tokenizer_path`` by ``storm-fit``).
+        freeze_*: keep that component's weights fixed (``projector`` includes the downsampler).
+        lr_*: peak learning rate of each component; warmup for ``warmup_steps``, then cosine decay to
+            ``min_lr_ratio * lr`` at the last step.
+        init_from: a checkpoint of a previous stage (``.ckpt``) whose weights start this stage.
+    """
+
+    def __init__(
+        self,
+        vision: VisionBackbone,
+        downsampler: Downsampler,
+        projector: Projector,
+        llm: CausalLM,
+        compressors: list[Compressor] | None = None,
+        tokenizer_path: str = "data_shards/tokenizer",
+        freeze_vision: bool = False,
+        freeze_projector: bool = False,
+        freeze_llm: bool = False,
+        lr_vision: float = 2e-5,
+        lr_projector: float = 1e-3,
+        lr_llm: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        init_from: str | None = None,
+        init_from_strict: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["vision", "downsampler", "projector", "llm", "compressors"])
+        self.vision, self.downsampler, self.projector, self.llm = vision, downsampler, projector, llm
+        self.compressors = nn.ModuleList(compressors or [])
+        self._check_sizes()
+
+        self.tokenizer = load_tokenizer(tokenizer_path, key="model.tokenizer_path")
+        if llm.vocab_size < len(self.tokenizer):
+            llm.resize_vocab(len(self.tokenizer))
+        self.media_token_ids = media_token_ids(self.tokenizer)
+        self.register_buffer("pixel_mean", torch.tensor(vision.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(vision.image_std).view(1, 3, 1, 1), persistent=False)
+
+        for module, frozen in ((vision, freeze_vision), (downsampler, freeze_projector),
+                               (projector, freeze_projector), (llm, freeze_llm)):
+            module.requires_grad_(not frozen)
+        if init_from is not None:
+            self._load_init(init_from, init_from_strict)
+        self._last_batch_end: float | None = None
+        self._skipped: Counter = Counter()
+
+    # ---- build-time checks --------------------------------------------------------------------------
+
+    def _check_sizes(self) -> None:
+        v, d, p = self.vision, self.downsampler, self.projector
+        _require(d.input_dim == v.hidden_size,
+                 f"model.downsampler.init_args.input_dim={d.input_dim} must equal the vision width "
+                 f"{v.hidden_size} (model.vision)")
+        _require(p.input_dim == d.output_dim,
+                 f"model.projector.init_args.input_dim={p.input_dim} must equal "
+                 f"model.downsampler.init_args.output_dim={d.output_dim}")
+        _require(p.output_dim == self.llm.hidden_size,
+                 f"model.projector.init_args.output_dim={p.output_dim} must equal the LLM hidden size "
+                 f"{self.llm.hidden_size} (model.llm)")
+        self.token_grid = d.output_grid(v.grid)
+        for training in (True, False):
+            frames, grid = 1, self.token_grid
+            for i, c in enumerate(self.compressors):
+                try:
+                    frames, grid = c.output_shape(frames, grid, training)
+                except ValueError as exn:
+                    raise ValueError(f"model.compressors[{i}] ({type(c).__name__}): {exn}") from None
+
+    def visual_tokens(self, frames: int, training: bool | None = None) -> tuple[int, int]:
+        """Visual tokens of a ``frames``-frame clip before and after compression."""
+        training = self.training if training is None else training
+        t, (h, w) = chain_output_shape(self.compressors, frames, self.token_grid, training)
+        return frames * self.token_grid[0] * self.token_grid[1], t * h * w
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        size = getattr(dm, "image_size", self.vision.image_size)
+        _require(size == self.vision.image_size,
+                 f"data.image_size={size} must equal the vision backbone's image size {self.vision.image_size} "
+                 f"(model.vision.init_args.image_size)")
+        pool = math.prod(c.kernel_size for c in self.compressors if isinstance(c, TemporalAveragePool))
+        for key, frames in getattr(dm, "video_frames", dict)().items():
+            _require(frames >= pool, f"{key}={frames} is fewer frames than the temporal pooling of "
+                                     f"{pool} set in model.compressors: use at least {pool}")
+
+    def _load_init(self, path: str, strict: bool) -> None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.init_from: no such checkpoint '{path}'")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        state = checkpoint.get("state_dict", checkpoint)
+        result = self.load_state_dict(state, strict=False)
+        if strict and (result.missing_keys or result.unexpected_keys):
+            raise RuntimeError(
+                f"model.init_from='{path}' does not fit this model: missing {result.missing_keys[:5]} "
+                f"unexpected {result.unexpected_keys[:5]} (set model.init_from_strict=false to load what fits)"
+            )
+        log.info("initialised from %s (%d tensors)", path, len(state))
+
+    # ---- forward ------------------------------------------------------------------------------------
+
+    def encode_media(self, pixel_values: Tensor, frames_per_sample: Tensor) -> list[Tensor]:
+        """uint8 frames (F, 3, S, S) -> one (T' * N', D_llm) tensor per sample with media, in order."""
+        x = (pixel_values.to(self.pixel_mean.dtype) / 255.0 - self.pixel_mean) / self.pixel_std
+        x = x.to(next(self.vision.parameters()).dtype)
+        tokens = self.downsampler(self.vision(x), self.vision.grid)  # (F, N, D_in)
+        counts = [int(t) for t in frames_per_sample if t > 0]
+        clips = tokens.split(counts)
+        out: list[Tensor | None] = [None] * len(clips)
+        for frames in sorted(set(counts)):  # one projector call per clip length
+            index = [i for i, t in enumerate(counts) if t == frames]
+            x = self.projector(torch.stack([clips[i] for i in index]))  # (B_T, T, N, D_llm)
+            grid = self.token_grid
+            for compressor in self.compressors:
+                x, grid = compressor(x, grid)
+            for row, i in enumerate(index):
+                out[i] = x[row].flatten(0, 1)
+        return out
+
+    def build_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """Text embeddings with each media placeholder replaced by that sample's visual tokens.
+        Returns inputs_embeds (B, L', D), attention_mask (B, L'), labels (B, L'), right-padded."""
+        input_ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
+        embeds = self.llm.embed(input_ids)
+        visual = iter([])
+        if batch.get("pixel_values") is not None:
+            visual = iter(self.encode_media(batch["pixel_values"], batch["frames_per_sample"]))
+        is_media = torch.isin(input_ids, torch.tensor(self.media_token_ids, device=input_ids.device))
+        rows, row_labels = [], []
+        for i in range(input_ids.shape[0]):
+            e, lab = embeds[i][mask[i]], labels[i][mask[i]]
+            where = is_media[i][mask[i]].nonzero().flatten()
+            if int(batch["frames_per_sample"][i]) > 0:
+                assert len(where) == 1, f"sample {i}: {len(where)} media placeholders for one medium"
+                p, v = int(where[0]), next(visual).to(e.dtype)
+                e = torch.cat([e[:p], v, e[p + 1:]])
+                lab = torch.cat([lab[:p], lab.new_full((len(v),), IGNORE_INDEX), lab[p + 1:]])
+            else:
+                assert len(where) == 0, f"sample {i}: media placeholder without media"
+            rows.append(e)
+            row_labels.append(lab)
+        length = max(len(r) for r in rows)
+        inputs = embeds.new_zeros(len(rows), length, embeds.shape[-1])
+        out_labels = labels.new_full((len(rows), length), IGNORE_INDEX)
+        attention = mask.new_zeros(len(rows), length, dtype=torch.long)
+        for i, (e, lab) in enumerate(zip(rows, row_labels)):
+            inputs[i, : len(e)], out_labels[i, : len(e)], attention[i, : len(e)] = e, lab, 1
+        return inputs, attention, out_labels
+
+    def forward(self, batch: dict) -> dict:
+        inputs, attention, labels = self.build_inputs(batch)
+        hidden = self.llm.model.get_decoder()(inputs_embeds=inputs, attention_mask=attention).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX  # the LM head runs only where there is something to predict
+        logits = self.llm.model.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), targets[keep])
+        return {"loss": loss, "llm_tokens": int(attention.sum()), "label_tokens": int(keep.sum())}
+
+    # ---- training -----------------------------------------------------------------------------------
+
+    def _log_visual_tokens(self, batch: dict, prefix: str) -> None:
+        frames = [int(t) for t in batch["frames_per_sample"] if t > 0]
+        if frames:
+            counts = [self.visual_tokens(t) for t in frames]
+            n = len(counts)
+            self.log(f"{prefix}/visual_tokens_before", sum(c[0] for c in counts) / n, batch_size=n)
+            self.log(f"{prefix}/visual_tokens_after", sum(c[1] for c in counts) / n, batch_size=n)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self(batch)
+        size = len(batch["input_ids"])
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
+        self._log_visual_tokens(batch, "train")
+        self._skipped.update(batch.get("skipped", {}))
+        self.log("data/skipped_samples", float(sum(self._skipped.values())), batch_size=size)
+        for name, count in self._skipped.items():
+            self.log(f"data/skipped_samples/{name}", float(count), batch_size=size)
+        self._batch_stats = (size, out["llm_tokens"])
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last_batch_end is not None:  # wall time per step, data loading included
+            elapsed = now - self._last_batch_end
+            samples, tokens = self._batch_stats
+            self.log("perf/samples_per_s", samples / elapsed)
+            self.log("perf/tokens_per_s", tokens / elapsed)
+        self._last_batch_end = now
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        for group in optimizer.param_groups:
+            if not group["name"].endswith("_no_decay"):  # same lr as its decayed twin
+                self.log(f"lr/{group['name']}", group["lr"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self(batch)
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=len(batch["input_ids"]))
+        self._log_visual_tokens(batch, "val")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = []
+        for name, modules, lr in (("vision", [self.vision], hp.lr_vision),
+                                  ("projector", [self.downsampler, self.projector], hp.lr_projector),
+                                  ("llm", [self.llm], hp.lr_llm)):
+            params = [p for m in modules for p in m.parameters() if p.requires_grad]
+            decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases, norms, A_log, D
+            no_decay = [p for p in params if p.ndim < 2]
+            groups += [g for g in ({"name": name, "params": decay, "lr": lr, "weight_decay": hp.weight_decay},
+                                   {"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+                       if g["params"]]
+        if not groups:
+            raise ValueError("every component is frozen (model.freeze_*): nothing to train")
+        optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(hp.warmup_steps, total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
