@@ -25,8 +25,8 @@ IGNORE_INDEX = -100
 def load_tokenizer(path: str, key: str = "data.tokenizer_path"):
     from transformers import AutoTokenizer
 
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"{key}: no such tokenizer directory '{path}'")
+    if not (Path(path) / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{key}: '{path}' is not a tokenizer directory (no tokenizer_config.json)")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
     if missing:

@@ -1,0 +1,146 @@
+"""Shards -> batches: decoding, chat-template masking, bad samples, splitting, the synthetic generator."""
+
+import hashlib
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from storm_lightning.data import ShardSource, StormDataModule
+from storm_lightning.data.datamodule import SampleProcessor, ShardStream, collate
+from storm_lightning.data.media import decode_image, decode_video, uniform_indices
+from storm_lightning.data.synth import encode_mp4, synthesize
+from storm_lightning.tokenizer import IGNORE_INDEX, encode_conversation, load_tokenizer
+from tests.conftest import SHARDS, TOKENIZER
+
+
+def write_tar(path, samples: dict[str, dict[str, bytes]]):
+    with tarfile.open(path, "w") as tar:
+        for key, entries in samples.items():
+            for ext, data in entries.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def conv(question="<image>\nWhat is it?", answer="a red circle."):
+    return json.dumps({"conversations": [{"from": "human", "value": question},
+                                         {"from": "gpt", "value": answer}]}).encode()
+
+
+def png(size=20, mode="RGB"):
+    buf = io.BytesIO()
+    Image.new(mode, (size, size)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_uniform_indices():
+    assert uniform_indices(128, 4) == [16, 48, 80, 112]
+    assert uniform_indices(3, 6) == [0, 0, 1, 1, 2, 2]  # fewer frames than asked: frames repeat
+    with pytest.raises(ValueError):
+        uniform_indices(0, 4)
+
+
+def test_decode_video_samples_uniformly():
+    clip = [np.full((32, 32, 3), 8 * i, np.uint8) for i in range(20)]
+    frames, indices = decode_video(encode_mp4(clip), num_frames=5, size=16)
+    assert frames.shape == (5, 3, 16, 16) and frames.dtype == torch.uint8
+    assert indices == [2, 6, 10, 14, 18]
+    assert abs(frames[2].float().mean().item() - 80) < 4  # frame 10 has value 80 (lossy codec)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16"])
+def test_decode_image_modes(mode):
+    out = decode_image(png(size=24, mode=mode), size=16)
+    assert out.shape == (1, 3, 16, 16) and out.dtype == torch.uint8
+
+
+def test_chat_template_trains_on_assistant_tokens_only():
+    tok = load_tokenizer(TOKENIZER)
+    turns = [{"from": "human", "value": "What is 1 plus 2?"}, {"from": "gpt", "value": "3."},
+             {"from": "human", "value": "And 2 plus 2?"}, {"from": "gpt", "value": "4."}]
+    ids, labels = encode_conversation(tok, turns, max_length=1000)
+    trained = tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+    assert trained == "3.<|im_end|>4.<|im_end|>"
+    with pytest.raises(ValueError, match="no assistant turn"):
+        encode_conversation(tok, turns[:1], max_length=1000)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    shard = write_tar(tmp_path / "mixed-000000.tar", {
+        "good": {"json": conv(), "png": png()},
+        "corrupt_image": {"json": conv(), "png": b"not an image"},
+        "bad_json": {"json": b"{not json", "png": png()},
+        "no_answer": {"json": json.dumps({"conversations": [{"from": "human", "value": "hi"}]}).encode()},
+        "good_text": {"json": conv("What is 1 plus 1?", "2.")},
+        "placeholder_without_media": {"json": conv()},
+    })
+    source = ShardSource("mixed", shard)
+    stream = ShardStream([source], [[shard]], SampleProcessor(TOKENIZER, 16, 512), infinite=False)
+    samples = list(stream)
+    assert [s["key"] for s in samples] == ["good", "good_text"]
+    assert sum(s["skipped"].get("mixed", 0) for s in samples) == 3  # counted before good_text
+    assert sum(stream.skipped.values()) == 1  # the last one, not yet attached to a sample
+    batch = collate(samples, pad_id=0)
+    assert batch["skipped"] == {"mixed": 3}
+
+
+def test_truncated_shard_does_not_stop_the_stream(tmp_path):
+    shard = write_tar(tmp_path / "t-000000.tar", {f"s{i}": {"json": conv("hi", "yo.")} for i in range(20)})
+    data = open(shard, "rb").read()
+    open(shard, "wb").write(data[: len(data) // 2])
+    stream = ShardStream([ShardSource("t", shard)], [[shard]], SampleProcessor(TOKENIZER, 16, 512), infinite=False)
+    assert 0 < len(list(stream)) < 20
+
+
+def test_readers_split_samples_without_overlap(tmp_path, monkeypatch):
+    shard = write_tar(tmp_path / "t-000000.tar", {f"s{i:02d}": {"json": conv("hi", "yo.")} for i in range(10)})
+    source = ShardSource("t", shard)
+    seen = []
+    for reader in range(3):  # one shard, three readers: every reader keeps every 3rd sample
+        monkeypatch.setattr("storm_lightning.data.datamodule._reader_position", lambda r=reader: (r, 3))
+        stream = ShardStream([source], [[shard]], SampleProcessor(TOKENIZER, 16, 512), infinite=False)
+        seen.append([s["key"] for s in stream])
+    assert sorted(sum(seen, [])) == [f"s{i:02d}" for i in range(10)]
+    assert all(len(set(a) & set(b)) == 0 for a in seen for b in seen if a is not b)
+
+
+def test_datamodule_batches_from_bundled_shards():
+    dm = StormDataModule(
+        train_sources=[ShardSource("image", str(SHARDS / "train/image-000000.tar"), 1.0),
+                       ShardSource("video32", str(SHARDS / "train/video32-000000.tar"), 1.0, frames_per_clip=8)],
+        tokenizer_path=TOKENIZER, image_size=64, batch_size=6, num_workers=0,
+    )
+    batch = next(iter(dm.train_dataloader()))
+    frames = batch["frames_per_sample"]
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert set(frames.tolist()) <= {1, 8} and batch["pixel_values"].shape == (int(frames.sum()), 3, 64, 64)
+    assert all(len(ix) == t for ix, t in zip(batch["frame_indices"], frames.tolist()))
+
+
+def test_missing_shards_and_tokenizer_fail_when_built(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data.train_sources\[0\].shards: no shard matches"):
+        StormDataModule([ShardSource("x", str(tmp_path / "none-{000..003}.tar"))], tokenizer_path=TOKENIZER)
+    with pytest.raises(FileNotFoundError, match="data.tokenizer_path: .* is not a tokenizer directory"):
+        StormDataModule([ShardSource("x", str(SHARDS / "train/text-000000.tar"))], tokenizer_path=str(tmp_path))
+
+
+def test_synthetic_shards_are_deterministic(tmp_path):
+    digests = []
+    for run in ("a", "b"):
+        synthesize(str(tmp_path / run), seed=3, scale=0.003, shards_per_source=1)
+        files = sorted(p for p in (tmp_path / run).rglob("*.tar"))
+        digests.append([hashlib.sha256(p.read_bytes()).hexdigest() for p in files])
+    assert digests[0] == digests[1] and len(digests[0]) == 8
+
+
+def test_bundled_shards_have_temporal_multiple_choice_questions():
+    with tarfile.open(SHARDS / "eval/video32-000000.tar") as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert {m["category"] for m in metas} == {"direction", "order", "flash", "count"}
+    assert all(len(m["options"]) == 4 and 0 <= m["answer"] < 4 for m in metas)

@@ -1,0 +1,151 @@
+"""StormModel: splicing visual tokens, loss masking, checks at build time, freezing, schedules, init_from."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from storm_lightning.compressors import SpatialAveragePool, TemporalAveragePool, TemporalSample
+from storm_lightning.data import ShardSource, StormDataModule
+from storm_lightning.downsamplers import PixelShuffleDownsampler
+from storm_lightning.llm import HFCausalLM
+from storm_lightning.model import StormModel
+from storm_lightning.projectors import MambaTemporalProjector, MLPProjector
+from storm_lightning.tokenizer import IGNORE_INDEX, encode_conversation
+from storm_lightning.vision import SiglipVisionBackbone
+from tests.conftest import SHARDS, TOKENIZER
+
+
+def tiny(projector="mamba", compressors=None, vision_dim=16, proj_out=32, llm_dim=32, image_size=32, **kwargs):
+    vision = SiglipVisionBackbone(image_size=image_size, patch_size=8, hidden_size=vision_dim, num_layers=1,
+                                  num_heads=2, intermediate_size=32)
+    down = PixelShuffleDownsampler(input_dim=16, output_dim=32, ratio=2)
+    proj = (MambaTemporalProjector(32, proj_out, num_layers=1, d_state=4) if projector == "mamba"
+            else MLPProjector(32, proj_out))
+    llm = HFCausalLM(hidden_size=llm_dim, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                     vocab_size=600)
+    return StormModel(vision, down, proj, llm, compressors=compressors, tokenizer_path=TOKENIZER, **kwargs)
+
+
+def make_batch(model, frames=(4, 1, 0)):
+    """One sample per entry of ``frames``: a T-frame video, an image (1), or text only (0)."""
+    tok = model.tokenizer
+    rows, pixel_values = [], []
+    for t in frames:
+        tag = "<video>\n" if t > 1 else "<image>\n" if t == 1 else ""
+        ids, labels = encode_conversation(tok, [{"from": "human", "value": f"{tag}What happens?"},
+                                                {"from": "gpt", "value": "a red circle moves left."}], 512)
+        rows.append((torch.tensor(ids), torch.tensor(labels)))
+        if t:
+            pixel_values.append(torch.randint(0, 255, (t, 3, 32, 32), dtype=torch.uint8))
+    length = max(len(r[0]) for r in rows)
+    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)], labels[i, : len(ids)], mask[i, : len(ids)] = ids, lab, 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
+            "pixel_values": torch.cat(pixel_values) if pixel_values else None,
+            "frames_per_sample": torch.tensor(frames)}
+
+
+def test_visual_tokens_replace_placeholders():
+    model = tiny(compressors=[TemporalAveragePool(2)])
+    batch = make_batch(model, frames=(4, 1, 0))
+    inputs, attention, labels = model.build_inputs(batch)
+    text_lengths = batch["attention_mask"].sum(1)
+    # 4x4 patches -> 2x2 tokens per frame; 4 frames pooled by 2 -> 2 frames -> 8 tokens; an image -> 4
+    assert attention.sum(1).tolist() == [text_lengths[0] - 1 + 8, text_lengths[1] - 1 + 4, text_lengths[2]]
+    assert inputs.shape == (3, int(attention.sum(1).max()), 32)
+    # visual tokens never carry a label; assistant tokens keep theirs
+    assert (labels != IGNORE_INDEX).sum() == (batch["labels"] != IGNORE_INDEX).sum()
+
+
+def test_forward_loss_and_backward_through_every_component():
+    model = tiny(compressors=[SpatialAveragePool(2), TemporalSample(2)])
+    out = model(make_batch(model))
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    for name in ("vision", "downsampler", "projector", "llm"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads), name
+
+
+def test_loss_falls_on_a_fixed_batch():
+    model = tiny(lr_projector=3e-3, lr_llm=3e-3, lr_vision=1e-3)
+    batch = make_batch(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(proj_out=24), r"model.projector.init_args.output_dim=24 must equal the LLM hidden size 32"),
+    (dict(vision_dim=24), r"model.downsampler.init_args.input_dim=16 must equal the vision width 24"),
+    (dict(compressors=[SpatialAveragePool(4)]),
+     r"model.compressors\[0\] \(SpatialAveragePool\): .*kernel_size=4 must divide the 2x2 token grid"),
+    (dict(image_size=40), r"model.downsampler.init_args.ratio=2 must divide the vision patch grid 5x5"),
+    (dict(init_from="/nonexistent.ckpt"), r"model.init_from: no such checkpoint"),
+])
+def test_misconfigurations_fail_at_build_naming_the_key(kwargs, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        tiny(**kwargs)
+
+
+def fake_trainer(model, datamodule):
+    model._trainer = SimpleNamespace(datamodule=datamodule)
+
+
+def test_setup_checks_data_against_the_model():
+    dm = StormDataModule([ShardSource("v", str(SHARDS / "train/video32-000000.tar"), frames_per_clip=2)],
+                         tokenizer_path=TOKENIZER, image_size=32)
+    model = tiny(compressors=[TemporalAveragePool(4)])
+    fake_trainer(model, dm)
+    with pytest.raises(ValueError, match=r"data.train_sources\[0\].frames_per_clip=2 is fewer frames than"):
+        model.setup("fit")
+    dm.image_size = 64
+    model = tiny()
+    fake_trainer(model, dm)
+    with pytest.raises(ValueError, match="data.image_size=64 must equal the vision backbone's image size 32"):
+        model.setup("fit")
+
+
+def test_freeze_flags_and_learning_rates():
+    model = tiny(freeze_vision=True, freeze_llm=True, lr_projector=1e-3)
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    model._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    config = model.configure_optimizers()
+    names = {g["name"] for g in config["optimizer"].param_groups}
+    assert names == {"projector", "projector_no_decay"}
+    assert all(g["lr"] == pytest.approx(1e-3 / model.hparams.warmup_steps) for g in config["optimizer"].param_groups)
+
+
+def test_warmup_then_cosine_schedule():
+    model = tiny(warmup_steps=10, min_lr_ratio=0.1, lr_projector=1.0, lr_llm=1.0, lr_vision=1.0)
+    model._trainer = SimpleNamespace(estimated_stepping_batches=110)
+    config = model.configure_optimizers()
+    opt, sched = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55, abs=0.02) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_init_from_a_previous_stage(tmp_path):
+    first = tiny()
+    torch.save({"state_dict": first.state_dict()}, tmp_path / "stage.ckpt")
+    second = tiny(init_from=str(tmp_path / "stage.ckpt"), compressors=[TemporalAveragePool(2)])
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(RuntimeError, match="does not fit this model"):
+        tiny(projector="mlp", init_from=str(tmp_path / "stage.ckpt"))
