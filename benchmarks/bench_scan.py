@@ -1,0 +1,175 @@
+"""Benchmark the Mamba mixer on the CPU: our chunked scan vs transformers' MambaMixer fallback.
+
+    python benchmarks/bench_scan.py            # everything (the transformers reference takes minutes)
+    python benchmarks/bench_scan.py --quick    # skip the reference at (2, 2048, 256)
+
+Prints, for one mixer layer (forward direction, the same weights in both): forward and forward+backward
+times, their ratio, and the largest output difference; then the projector's share of a full StormModel
+forward on the tiny default config (conf/sft.yaml), and the peak memory of a 2-layer projector on a
+128-frame x 64-token clip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def mixer_pair(width: int, d_state: int = 16, expand: int = 2):
+    from transformers import MambaConfig
+    from transformers.models.mamba.modeling_mamba import MambaMixer
+
+    from storm_lightning.projectors import BiMambaMixer
+
+    torch.manual_seed(0)
+    ours = BiMambaMixer(width, d_state=d_state, expand=expand, bidirectional=False, backend="torch")
+    config = MambaConfig(hidden_size=width, state_size=d_state, expand=expand, conv_kernel=4,
+                         time_step_rank=ours.dt_rank, use_bias=False, use_conv_bias=True)
+    reference = MambaMixer(config, layer_idx=0)
+    reference.load_state_dict(ours.state_dict())
+    return ours, reference
+
+
+def bench_mixer(batch: int, length: int, width: int, repeats: int, reference_repeats: int) -> None:
+    from storm_lightning.projectors import BiMambaMixer
+
+    ours, reference = mixer_pair(width)
+    bidir = BiMambaMixer(width, backend="torch")
+    x = torch.randn(batch, length, width)
+
+    def fwd(m):
+        with torch.no_grad():
+            return m(x)
+
+    def fwd_bwd(m):
+        xg = x.clone().requires_grad_()
+        m(xg).square().mean().backward()
+
+    print(f"\n== one mixer layer, (batch, tokens, width) = ({batch}, {length}, {width}), d_state 16, expand 2")
+    t_ours_f, t_ours_fb = median_time(lambda: fwd(ours), repeats), median_time(lambda: fwd_bwd(ours), repeats)
+    t_bi_fb = median_time(lambda: fwd_bwd(bidir), repeats)
+    print(f"ours (torch scan)        forward {t_ours_f * 1e3:9.1f} ms   forward+backward {t_ours_fb * 1e3:9.1f} ms")
+    print(f"ours, bidirectional      {'':26} forward+backward {t_bi_fb * 1e3:9.1f} ms")
+    if reference_repeats == 0:
+        print("transformers MambaMixer  skipped (--quick)")
+        return
+    t_ref_f = median_time(lambda: fwd(reference), reference_repeats, warmup=0)
+    t_ref_fb = median_time(lambda: fwd_bwd(reference), reference_repeats, warmup=0)
+    diff = (fwd(ours) - fwd(reference)).abs().max().item()
+    scale = fwd(reference).abs().max().item()
+    print(f"transformers MambaMixer  forward {t_ref_f * 1e3:9.1f} ms   forward+backward {t_ref_fb * 1e3:9.1f} ms")
+    print(f"speed-up                 forward {t_ref_f / t_ours_f:9.1f} x    forward+backward {t_ref_fb / t_ours_fb:9.1f} x")
+    print(f"max |ours - reference| = {diff:.2e} (max |reference| = {scale:.2e})")
+
+
+def bench_model_share(repeats: int) -> None:
+    from jsonargparse import ArgumentParser
+
+    from storm_lightning.data import StormDataModule
+    from storm_lightning.model import StormModel
+
+    os.chdir(ROOT)
+    parser = ArgumentParser()
+    parser.add_class_arguments(StormModel, "model")
+    parser.add_class_arguments(StormDataModule, "data")
+    parser.add_argument("--trainer", type=dict)
+    parser.add_argument("--seed_everything", type=int)
+    cfg = parser.parse_path("conf/sft.yaml")
+    cfg.model.tokenizer_path = cfg.data.tokenizer_path
+    objects = parser.instantiate_classes(cfg)
+    model, dm = objects.model.eval(), objects.data
+    dm.num_workers = 0
+    batches = iter(dm.train_dataloader())
+    batch = next(b for b in batches if int((b["frames_per_sample"] == 32).sum()) >= 3)
+
+    timings: dict[str, list[float]] = {}
+
+    def timed(name, module):
+        def pre(*_):
+            timings.setdefault(name, []).append(-time.perf_counter())
+
+        def post(*_):
+            timings[name][-1] += time.perf_counter()
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    for name in ("vision", "downsampler", "projector"):
+        timed(name, getattr(model, name))
+    for c in model.compressors:
+        timed("compressors", c)
+
+    def forward():  # what StormModel.forward runs, up to the LM head
+        with torch.no_grad():
+            inputs, attention, _ = model.build_inputs(batch)  # vision .. compressors, timed by the hooks
+            timings.setdefault("llm", []).append(-time.perf_counter())
+            model.llm.model.get_decoder()(inputs_embeds=inputs, attention_mask=attention)
+            timings["llm"][-1] += time.perf_counter()
+
+    total = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        forward()
+        total.append(time.perf_counter() - start)
+    frames = batch["frames_per_sample"].tolist()
+    print(f"\n== share of a StormModel forward, tiny default (conf/sft.yaml), batch frames {frames}")
+    med_total = statistics.median(total[1:])
+    for name, ts in timings.items():
+        med = statistics.median(ts[1:])
+        print(f"{name:12s} {med * 1e3:8.1f} ms  {100 * med / med_total:5.1f} %")
+    print(f"{'total':12s} {med_total * 1e3:8.1f} ms  (build_inputs included)")
+
+
+PEAK = """
+import resource, time, torch
+from storm_lightning.projectors import MambaTemporalProjector
+p = MambaTemporalProjector({w}, {w}, num_layers=2)
+x = torch.randn(1, 128, 64, {w}, requires_grad=True)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter(); p(x).square().mean().backward(); t = time.perf_counter() - t
+print(f"{{t:.1f}} {{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f}}")
+"""
+
+
+def bench_peak_memory(width: int) -> None:
+    out = subprocess.run([sys.executable, "-c", PEAK.format(w=width)], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout.split()
+    print(f"\n== 2-layer projector, one clip of 128 frames x 64 tokens (8192 tokens), width {width}")
+    print(f"forward+backward {out[0]} s, peak resident memory of the process {out[1]} GiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="skip the slow reference at (2, 2048, 256)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench_mixer(2, 2048, 256, args.repeats, reference_repeats=0 if args.quick else 1)
+    bench_mixer(4, 512, 128, args.repeats, reference_repeats=1)  # tiny default: 32 frames x 16 tokens
+    bench_model_share(args.repeats)
+    bench_peak_memory(256)
+
+
+if __name__ == "__main__":
+    main()
