@@ -97,7 +97,7 @@ def bench_model_share(repeats: int) -> None:
     parser.add_argument("--seed_everything", type=int)
     cfg = parser.parse_path("conf/sft.yaml")
     cfg.model.tokenizer_path = cfg.data.tokenizer_path
-    objects = parser.instantiate_classes(cfg)
+    objects = parser.instantiate(cfg)
     model, dm = objects.model.eval(), objects.data
     dm.num_workers = 0
     batches = iter(dm.train_dataloader())

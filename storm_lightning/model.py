@@ -199,13 +199,18 @@ class StormModel(L.LightningModule):
         return inputs, attention, out_labels
 
     def forward(self, batch: dict) -> dict:
+        """loss (mean over assistant tokens), sample_loss (B,) (mean per sample), token counts."""
         inputs, attention, labels = self.build_inputs(batch)
         hidden = self.llm.model.get_decoder()(inputs_embeds=inputs, attention_mask=attention).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX  # the LM head runs only where there is something to predict
         logits = self.llm.model.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), targets[keep])
-        return {"loss": loss, "llm_tokens": int(attention.sum()), "label_tokens": int(keep.sum())}
+        token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+        rows = keep.nonzero()[:, 0]
+        sample_loss = token_loss.new_zeros(len(keep)).index_add_(0, rows, token_loss.detach())
+        sample_loss /= keep.sum(1).clamp_min(1)
+        return {"loss": token_loss.mean(), "sample_loss": sample_loss, "llm_tokens": int(attention.sum()),
+                "label_tokens": int(keep.sum())}
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -250,6 +255,17 @@ class StormModel(L.LightningModule):
         out = self(batch)
         self.log("val/loss", out["loss"], prog_bar=True, batch_size=len(batch["input_ids"]))
         self._log_visual_tokens(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        out = self(batch)
+        self.log("test/loss", out["loss"], batch_size=len(batch["input_ids"]))
+        self._log_visual_tokens(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Per sample: key, source and the mean loss of its assistant tokens."""
+        out = self(batch)
+        return [{"key": k, "source": s, "loss": float(v)}
+                for k, s, v in zip(batch["keys"], batch["sources"], out["sample_loss"])]
 
     def configure_optimizers(self):
         hp = self.hparams

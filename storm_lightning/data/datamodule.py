@@ -324,3 +324,7 @@ class StormDataModule(L.LightningDataModule):
             return []
         stream = ShardStream(self.val_sources, self.val_shards, self._processor(), infinite=False, seed=self.seed)
         return self._loader(stream, self.val_batch_size)
+
+    # `storm-fit test` and `storm-fit predict` read the validation sources once, like validation
+    test_dataloader = val_dataloader
+    predict_dataloader = val_dataloader
