@@ -16,6 +16,11 @@ def test_stage_chain_align_sft_long(run_dir):
     storm_fit("--config", "conf/long.yaml", *FAST)  # init_from runs/sft/checkpoints/last.ckpt in the YAML
     assert (run_dir / "runs/long/checkpoints/last.ckpt").is_file()
     assert "TemporalAveragePool" in (run_dir / "runs/long/config.yaml").read_text()
+    for command in ("validate", "test", "predict"):
+        proc = storm_fit(command, "--config", "conf/long.yaml", "--ckpt_path=runs/long/checkpoints/last.ckpt",
+                         "--model.init_from=null", f"--trainer.limit_{'val' if command == 'validate' else command}_batches=1",
+                         "--trainer.enable_progress_bar=false", "--data.num_workers=0")
+        assert proc.returncode == 0
 
 
 def test_mlp_baseline_from_yaml_and_from_the_command_line(run_dir):
