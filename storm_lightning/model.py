@@ -13,6 +13,7 @@ The loss is next-token cross-entropy on assistant tokens only; the LM head runs 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from storm_lightning.compressors import Compressor, TemporalAveragePool, chain_output_shape
 from storm_lightning.downsamplers import Downsampler
@@ -32,6 +34,17 @@ from storm_lightning.tokenizer import IGNORE_INDEX, load_tokenizer, media_token_
 from storm_lightning.vision import VisionBackbone
 
 log = logging.getLogger(__name__)
+OPTION_LETTERS = "ABCDEFGH"
+
+
+def clip_bucket(frames: int) -> str:
+    """Clip-length bucket for accuracy reports: frames of the source clip."""
+    if frames <= 1:
+        return "image" if frames == 1 else "text"
+    for upper in (16, 64, 256, 1024):
+        if frames <= upper:
+            return f"le{upper}"
+    return "gt1024"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -83,6 +96,10 @@ class StormModel(L.LightningModule):
         if llm.vocab_size < len(self.tokenizer):
             llm.resize_vocab(len(self.tokenizer))
         self.media_token_ids = media_token_ids(self.tokenizer)
+        # multiple choice is scored on the first token of each option letter
+        self.option_token_ids = [self.tokenizer.encode(letter, add_special_tokens=False)[0] for letter in OPTION_LETTERS]
+        self.accuracy = nn.ModuleDict()  # torchmetrics, created per group (category, clip length) on first use
+        self._predictions: list[dict] = []
         self.register_buffer("pixel_mean", torch.tensor(vision.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(vision.image_std).view(1, 3, 1, 1), persistent=False)
 
@@ -199,18 +216,30 @@ class StormModel(L.LightningModule):
         return inputs, attention, out_labels
 
     def forward(self, batch: dict) -> dict:
-        """loss (mean over assistant tokens), sample_loss (B,) (mean per sample), token counts."""
+        """loss (mean over assistant tokens), sample_loss (B,) (mean per sample), token counts, and
+        ``choice_scores`` (B, OPTIONS) for multiple-choice samples (None rows elsewhere)."""
         inputs, attention, labels = self.build_inputs(batch)
         hidden = self.llm.model.get_decoder()(inputs_embeds=inputs, attention_mask=attention).last_hidden_state
+        head = self.llm.model.get_output_embeddings()
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX  # the LM head runs only where there is something to predict
-        logits = self.llm.model.get_output_embeddings()(hidden[:, :-1][keep])
+        logits = head(hidden[:, :-1][keep])
         token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="none")
         rows = keep.nonzero()[:, 0]
         sample_loss = token_loss.new_zeros(len(keep)).index_add_(0, rows, token_loss.detach())
         sample_loss /= keep.sum(1).clamp_min(1)
         return {"loss": token_loss.mean(), "sample_loss": sample_loss, "llm_tokens": int(attention.sum()),
-                "label_tokens": int(keep.sum())}
+                "label_tokens": int(keep.sum()), "choice_scores": self._choice_scores(hidden, keep, head)}
+
+    def _choice_scores(self, hidden: Tensor, keep: Tensor, head: nn.Module) -> Tensor:
+        """Logits of the option letters at the position that predicts the last answer's first token.
+
+        Teacher forcing does not leak the answer: that position only attends to the prompt. (B, OPTIONS)
+        """
+        starts = keep & ~F.pad(keep, (1, 0))[:, :-1]  # first target position of each assistant turn
+        last = torch.where(starts, torch.arange(keep.shape[1], device=keep.device), -1).amax(1).clamp_min(0)
+        at = hidden[torch.arange(len(hidden), device=hidden.device), last]  # (B, D)
+        return head(at)[:, self.option_token_ids].float()
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -252,14 +281,52 @@ class StormModel(L.LightningModule):
                 self.log(f"lr/{group['name']}", group["lr"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = self(batch)
-        self.log("val/loss", out["loss"], prog_bar=True, batch_size=len(batch["input_ids"]))
-        self._log_visual_tokens(batch, "val")
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: dict, stage: str) -> None:
         out = self(batch)
-        self.log("test/loss", out["loss"], batch_size=len(batch["input_ids"]))
-        self._log_visual_tokens(batch, "test")
+        self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=len(batch["input_ids"]))
+        self._log_visual_tokens(batch, stage)
+        self._score_choices(batch, out["choice_scores"], stage)
+
+    def _score_choices(self, batch: dict, scores: Tensor, stage: str) -> None:
+        """Multiple-choice accuracy overall, per category and per clip length; records predictions."""
+        for i, options in enumerate(batch.get("options") or []):
+            if not options or batch["answer"][i] is None:
+                continue
+            prediction = int(scores[i, : len(options)].argmax())
+            correct = float(prediction == int(batch["answer"][i]))
+            groups = ["overall", f"category/{batch['category'][i] or 'none'}",
+                      f"clip_frames/{clip_bucket(batch['clip_frames'][i])}"]
+            for group in groups:
+                name = f"{stage}/accuracy/{group}"
+                key = name.replace("/", ":")
+                if key not in self.accuracy:
+                    self.accuracy[key] = MeanMetric().to(self.device)
+                self.accuracy[key].update(correct)
+                self.log(name, self.accuracy[key], on_step=False, on_epoch=True, batch_size=1,
+                         metric_attribute=f"accuracy.{key}")
+            if stage == "test":
+                self._predictions.append({
+                    "key": batch["keys"][i], "source": batch["sources"][i], "category": batch["category"][i],
+                    "clip_frames": batch["clip_frames"][i], "frames": int(batch["frames_per_sample"][i]),
+                    "options": options, "answer": int(batch["answer"][i]), "prediction": prediction,
+                    "correct": bool(correct), "scores": [round(float(x), 4) for x in scores[i, : len(options)]],
+                })
+
+    def on_test_epoch_end(self) -> None:
+        if not self._predictions:
+            return
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        suffix = f"_rank{self.global_rank}" if self.trainer.world_size > 1 else ""
+        path = out_dir / f"predictions{suffix}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self._predictions, indent=1))
+        log.info("wrote %d multiple-choice predictions to %s", len(self._predictions), path)
+        self._predictions = []
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Per sample: key, source and the mean loss of its assistant tokens."""

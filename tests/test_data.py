@@ -48,8 +48,8 @@ def test_uniform_indices():
 
 def test_decode_video_samples_uniformly():
     clip = [np.full((32, 32, 3), 8 * i, np.uint8) for i in range(20)]
-    frames, indices = decode_video(encode_mp4(clip), num_frames=5, size=16)
-    assert frames.shape == (5, 3, 16, 16) and frames.dtype == torch.uint8
+    frames, indices, total = decode_video(encode_mp4(clip), num_frames=5, size=16)
+    assert frames.shape == (5, 3, 16, 16) and frames.dtype == torch.uint8 and total == 20
     assert indices == [2, 6, 10, 14, 18]
     assert abs(frames[2].float().mean().item() - 80) < 4  # frame 10 has value 80 (lossy codec)
 

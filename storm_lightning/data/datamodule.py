@@ -14,6 +14,7 @@ A batch (``collate``)::
     pixel_values                      : (F, 3, S, S)   uint8, all frames of the batch's media, or None
     frames_per_sample                 : (B,)           T of each sample's media, 0 for text-only
     frame_indices                     : list of B lists, the source-video frame of each frame
+    clip_frames                       : list of B ints, frames in each source clip (1 image, 0 text)
     skipped                           : {source: samples skipped since the previous batch}
 """
 
@@ -71,6 +72,7 @@ class SampleProcessor:
     tokenizer_path: str
     image_size: int
     max_length: int
+    frames_per_clip: int | None = None  # overrides every source's frames_per_clip (evaluation)
     _tokenizer: object = field(default=None, init=False, repr=False)
 
     @property
@@ -86,12 +88,13 @@ class SampleProcessor:
         conversations = meta["conversations"]
         image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
         video_ext = next((e for e in VIDEO_EXTS if e in raw), None)
-        pixel_values, frame_indices = None, []
+        pixel_values, frame_indices, clip_frames = None, [], 0
         if video_ext is not None:
-            pixel_values, frame_indices = decode_video(raw[video_ext], source.frames_per_clip, self.image_size)
+            frames = self.frames_per_clip or source.frames_per_clip
+            pixel_values, frame_indices, clip_frames = decode_video(raw[video_ext], frames, self.image_size)
             placeholder = VIDEO_TOKEN
         elif image_ext is not None:
-            pixel_values, frame_indices = decode_image(raw[image_ext], self.image_size), [0]
+            pixel_values, frame_indices, clip_frames = decode_image(raw[image_ext], self.image_size), [0], 1
             placeholder = IMAGE_TOKEN
 
         human_text = "".join(t.get("value", "") for t in conversations if t.get("from") in ("human", "user"))
@@ -120,6 +123,7 @@ class SampleProcessor:
             "labels": torch.tensor(labels),
             "pixel_values": pixel_values,
             "frame_indices": frame_indices,
+            "clip_frames": clip_frames,
             "key": raw.get("__key__", ""),
             "source": source.name,
         }
@@ -242,6 +246,7 @@ def collate(samples: list[dict], pad_id: int) -> dict:
         "frames_per_sample": torch.tensor([0 if s["pixel_values"] is None else len(s["pixel_values"])
                                            for s in samples]),
         "frame_indices": [s["frame_indices"] for s in samples],
+        "clip_frames": [s["clip_frames"] for s in samples],
         "keys": [s["key"] for s in samples],
         "sources": [s["source"] for s in samples],
         "skipped": dict(skipped),
@@ -263,7 +268,9 @@ class StormDataModule(L.LightningDataModule):
     """Mixed text / image / video WebDataset shards for STORM.
 
     ``image_size`` must equal the vision backbone's (checked when fitting starts). ``train_sources``
-    are mixed by ``weight``; ``val_sources`` are each read once per validation run.
+    are mixed by ``weight``; ``val_sources`` are each read once per validation run, and by
+    ``storm-fit validate|test|predict``. ``eval_frames_per_clip`` replaces every validation source's
+    ``frames_per_clip`` (evaluate on more frames than trained on, without editing the source list).
     """
 
     def __init__(
@@ -278,6 +285,7 @@ class StormDataModule(L.LightningDataModule):
         max_length: int = 4096,
         shuffle_buffer: int = 64,
         seed: int = 0,
+        eval_frames_per_clip: int | None = None,
     ) -> None:
         super().__init__()
         if not train_sources:
@@ -290,6 +298,9 @@ class StormDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.max_length = num_workers, max_length
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        if eval_frames_per_clip is not None and eval_frames_per_clip < 1:
+            raise ValueError(f"data.eval_frames_per_clip must be >= 1, got {eval_frames_per_clip}")
+        self.eval_frames_per_clip = eval_frames_per_clip
         # fail now, before anything is read, on a missing tokenizer or shard path
         self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path")
         self.train_shards = [s.shard_paths(f"data.train_sources[{i}].shards") for i, s in enumerate(self.train_sources)]
@@ -298,11 +309,15 @@ class StormDataModule(L.LightningDataModule):
     def video_frames(self) -> dict[str, int]:
         """frames_per_clip of every source, by config key (for the model's compressor checks)."""
         keys = {f"data.train_sources[{i}].frames_per_clip": s.frames_per_clip for i, s in enumerate(self.train_sources)}
-        keys.update({f"data.val_sources[{i}].frames_per_clip": s.frames_per_clip for i, s in enumerate(self.val_sources)})
+        if self.eval_frames_per_clip is not None:
+            keys["data.eval_frames_per_clip"] = self.eval_frames_per_clip
+        else:
+            keys.update({f"data.val_sources[{i}].frames_per_clip": s.frames_per_clip
+                         for i, s in enumerate(self.val_sources)})
         return keys
 
-    def _processor(self) -> SampleProcessor:
-        return SampleProcessor(self.tokenizer_path, self.image_size, self.max_length)
+    def _processor(self, frames_per_clip: int | None = None) -> SampleProcessor:
+        return SampleProcessor(self.tokenizer_path, self.image_size, self.max_length, frames_per_clip)
 
     def _loader(self, dataset: IterableDataset, batch_size: int) -> DataLoader:
         return DataLoader(
@@ -322,7 +337,8 @@ class StormDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
             return []
-        stream = ShardStream(self.val_sources, self.val_shards, self._processor(), infinite=False, seed=self.seed)
+        stream = ShardStream(self.val_sources, self.val_shards, self._processor(self.eval_frames_per_clip),
+                             infinite=False, seed=self.seed)
         return self._loader(stream, self.val_batch_size)
 
     # `storm-fit test` and `storm-fit predict` read the validation sources once, like validation

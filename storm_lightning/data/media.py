@@ -53,8 +53,8 @@ def uniform_indices(total: int, num: int) -> list[int]:
     return [min(total - 1, int((i + 0.5) * total / num)) for i in range(num)]
 
 
-def decode_video(data: bytes, num_frames: int, size: int) -> tuple[torch.Tensor, list[int]]:
-    """Video bytes -> ((num_frames, 3, size, size) uint8, the frame indices taken)."""
+def decode_video(data: bytes, num_frames: int, size: int) -> tuple[torch.Tensor, list[int], int]:
+    """Video bytes -> ((num_frames, 3, size, size) uint8, the frame indices taken, frames in the clip)."""
     import av
 
     with av.open(io.BytesIO(data)) as container:
@@ -70,9 +70,9 @@ def decode_video(data: bytes, num_frames: int, size: int) -> tuple[torch.Tensor,
                 if i >= wanted[-1]:
                     break
             if len(kept) == len(set(wanted)):
-                return _resize(np.stack([kept[i] for i in wanted]), size), wanted
+                return _resize(np.stack([kept[i] for i in wanted]), size), wanted, declared
     # no frame count in the container, or it over-declared it: decode every frame
     with av.open(io.BytesIO(data)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
     wanted = uniform_indices(len(frames), num_frames)
-    return _resize(np.stack([frames[i] for i in wanted]), size), wanted
+    return _resize(np.stack([frames[i] for i in wanted]), size), wanted, len(frames)
