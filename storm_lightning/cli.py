@@ -6,10 +6,27 @@ import argparse
 import os
 import sys
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from storm_lightning.data import StormDataModule
+from storm_lightning.errors import ConfigError
 from storm_lightning.model import StormModel
+
+
+def config_error(message: str) -> None:
+    """One line on stderr, exit status 2: a config error needs its key named, not a traceback."""
+    text = " ".join(line.strip() for line in str(message).strip().splitlines())
+    sys.stderr.write(f"storm-fit: config error: {text}\n")
+    sys.exit(2)
+
+
+class StormArgumentParser(LightningArgumentParser):
+    """Parse errors (unknown key, wrong type) as one line instead of the whole usage text."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse probing internally: keep its behaviour
+            return super().error(message, ex)
+        config_error(f"{message} (`storm-fit fit --help` lists every key)")
 
 
 class StormCLI(LightningCLI):
@@ -25,7 +42,11 @@ def fit_main(args: list[str] | None = None) -> None:
     if not argv or argv[0] not in ("fit", "validate", "test", "predict", "-h", "--help"):
         argv = ["fit", *argv]  # `storm-fit --config x.yaml` means fit
     sys.argv = [sys.argv[0], *argv]
-    StormCLI(StormModel, StormDataModule, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    try:
+        StormCLI(StormModel, StormDataModule, parser_class=StormArgumentParser,
+                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    except ConfigError as exn:  # raised while building components or in StormModel.setup, before any data
+        config_error(str(exn))
 
 
 def shards_main(args: list[str] | None = None) -> None:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from storm_lightning.errors import ConfigError
+
 Grid = tuple[int, int]
 
 
@@ -44,7 +46,7 @@ class TemporalAveragePool(Compressor):
     def __init__(self, kernel_size: int = 4) -> None:
         super().__init__()
         if kernel_size < 1:
-            raise ValueError(f"TemporalAveragePool kernel_size must be >= 1, got {kernel_size}")
+            raise ConfigError(f"TemporalAveragePool kernel_size must be >= 1, got {kernel_size}")
         self.kernel_size = kernel_size
 
     def output_shape(self, frames: int, grid: Grid, training: bool) -> tuple[int, Grid]:
@@ -67,14 +69,14 @@ class SpatialAveragePool(Compressor):
     def __init__(self, kernel_size: int = 2) -> None:
         super().__init__()
         if kernel_size < 1:
-            raise ValueError(f"SpatialAveragePool kernel_size must be >= 1, got {kernel_size}")
+            raise ConfigError(f"SpatialAveragePool kernel_size must be >= 1, got {kernel_size}")
         self.kernel_size = kernel_size
 
     def output_shape(self, frames: int, grid: Grid, training: bool) -> tuple[int, Grid]:
         h, w = grid
         p = self.kernel_size
         if h % p or w % p:
-            raise ValueError(f"SpatialAveragePool kernel_size={p} must divide the {h}x{w} token grid")
+            raise ConfigError(f"SpatialAveragePool kernel_size={p} must divide the {h}x{w} token grid")
         return frames, (h // p, w // p)
 
     def forward(self, x: Tensor, grid: Grid) -> tuple[Tensor, Grid]:
@@ -93,7 +95,7 @@ class TemporalSample(Compressor):
     def __init__(self, stride: int = 2, in_training: bool = False) -> None:
         super().__init__()
         if stride < 1:
-            raise ValueError(f"TemporalSample stride must be >= 1, got {stride}")
+            raise ConfigError(f"TemporalSample stride must be >= 1, got {stride}")
         self.stride, self.in_training = stride, in_training
 
     def _active(self, training: bool) -> bool:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from storm_lightning.errors import ConfigError
+
 
 class Downsampler(nn.Module):
     input_dim: int
@@ -31,14 +33,14 @@ class PixelShuffleDownsampler(Downsampler):
     def __init__(self, input_dim: int, output_dim: int, ratio: int = 2) -> None:
         super().__init__()
         if ratio < 1:
-            raise ValueError(f"model.downsampler.init_args.ratio must be >= 1, got {ratio}")
+            raise ConfigError(f"model.downsampler.init_args.ratio must be >= 1, got {ratio}")
         self.input_dim, self.output_dim, self.ratio = input_dim, output_dim, ratio
         self.proj = nn.Linear(input_dim * ratio * ratio, output_dim)
 
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         h, w = grid
         if h % self.ratio or w % self.ratio:
-            raise ValueError(
+            raise ConfigError(
                 f"model.downsampler.init_args.ratio={self.ratio} must divide the vision patch grid {h}x{w}"
             )
         return h // self.ratio, w // self.ratio

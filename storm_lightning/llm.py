@@ -15,6 +15,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from storm_lightning.errors import ConfigError, MissingPathError
+
 
 class CausalLM(nn.Module):
     hidden_size: int
@@ -59,13 +61,13 @@ class HFCausalLM(CausalLM):
 
         if pretrained_path is not None:
             if not Path(pretrained_path).is_dir():
-                raise FileNotFoundError(
+                raise MissingPathError(
                     f"model.llm.init_args.pretrained_path: no such directory '{pretrained_path}'"
                 )
             self.model = AutoModelForCausalLM.from_pretrained(pretrained_path, trust_remote_code=False)
         else:
             if hidden_size % num_heads or num_heads % num_kv_heads:
-                raise ValueError(
+                raise ConfigError(
                     f"model.llm.init_args: hidden_size={hidden_size} must be divisible by num_heads={num_heads}, "
                     f"and num_heads by num_kv_heads={num_kv_heads}"
                 )

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from storm_lightning.errors import ConfigError, MissingPathError
 from storm_lightning.compressors import Compressor, TemporalAveragePool, chain_output_shape
 from storm_lightning.downsamplers import Downsampler
 from storm_lightning.llm import CausalLM
@@ -49,7 +50,7 @@ def clip_bucket(frames: int) -> str:
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 class StormModel(L.LightningModule):
@@ -63,6 +64,8 @@ class StormModel(L.LightningModule):
         lr_*: peak learning rate of each component; warmup for ``warmup_steps``, then cosine decay to
             ``min_lr_ratio * lr`` at the last step.
         init_from: a checkpoint of a previous stage (``.ckpt``) whose weights start this stage.
+        max_nonfinite_steps: a step whose loss is NaN/inf is skipped (no update) and counted; this many
+            in a row stop the run.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class StormModel(L.LightningModule):
         min_lr_ratio: float = 0.1,
         init_from: str | None = None,
         init_from_strict: bool = True,
+        max_nonfinite_steps: int = 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["vision", "downsampler", "projector", "llm", "compressors"])
@@ -92,7 +96,7 @@ class StormModel(L.LightningModule):
         self.compressors = nn.ModuleList(compressors or [])
         self._check_sizes()
 
-        self.tokenizer = load_tokenizer(tokenizer_path, key="model.tokenizer_path")
+        self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path (linked to model.tokenizer_path)")
         if llm.vocab_size < len(self.tokenizer):
             llm.resize_vocab(len(self.tokenizer))
         self.media_token_ids = media_token_ids(self.tokenizer)
@@ -110,6 +114,7 @@ class StormModel(L.LightningModule):
             self._load_init(init_from, init_from_strict)
         self._last_batch_end: float | None = None
         self._skipped: Counter = Counter()
+        self._nonfinite_total = self._nonfinite_streak = 0
 
     # ---- build-time checks --------------------------------------------------------------------------
 
@@ -131,7 +136,7 @@ class StormModel(L.LightningModule):
                 try:
                     frames, grid = c.output_shape(frames, grid, training)
                 except ValueError as exn:
-                    raise ValueError(f"model.compressors[{i}] ({type(c).__name__}): {exn}") from None
+                    raise ConfigError(f"model.compressors[{i}] ({type(c).__name__}): {exn}") from None
 
     def visual_tokens(self, frames: int, training: bool | None = None) -> tuple[int, int]:
         """Visual tokens of a ``frames``-frame clip before and after compression."""
@@ -154,12 +159,12 @@ class StormModel(L.LightningModule):
 
     def _load_init(self, path: str, strict: bool) -> None:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"model.init_from: no such checkpoint '{path}'")
+            raise MissingPathError(f"model.init_from: no such checkpoint '{path}'")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state = checkpoint.get("state_dict", checkpoint)
         result = self.load_state_dict(state, strict=False)
         if strict and (result.missing_keys or result.unexpected_keys):
-            raise RuntimeError(
+            raise ConfigError(
                 f"model.init_from='{path}' does not fit this model: missing {result.missing_keys[:5]} "
                 f"unexpected {result.unexpected_keys[:5]} (set model.init_from_strict=false to load what fits)"
             )
@@ -251,9 +256,11 @@ class StormModel(L.LightningModule):
             self.log(f"{prefix}/visual_tokens_before", sum(c[0] for c in counts) / n, batch_size=n)
             self.log(f"{prefix}/visual_tokens_after", sum(c[1] for c in counts) / n, batch_size=n)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         out = self(batch)
         size = len(batch["input_ids"])
+        if not self._loss_is_finite(out["loss"]):
+            return None  # Lightning skips backward and the update
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
         self._log_visual_tokens(batch, "train")
         self._skipped.update(batch.get("skipped", {}))
@@ -262,6 +269,26 @@ class StormModel(L.LightningModule):
             self.log(f"data/skipped_samples/{name}", float(count), batch_size=size)
         self._batch_stats = (size, out["llm_tokens"])
         return out["loss"]
+
+    def _loss_is_finite(self, loss: Tensor) -> bool:
+        """Counts non-finite losses; every rank decides alike, so they skip the same steps."""
+        finite = torch.isfinite(loss.detach()).float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.all_gather(finite).min()
+        if bool(finite):
+            self._nonfinite_streak = 0
+            return True
+        self._nonfinite_total += 1
+        self._nonfinite_streak += 1
+        log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.global_step, self._nonfinite_streak)
+        self.log("train/nonfinite_steps", float(self._nonfinite_total))
+        if self._nonfinite_streak >= self.hparams.max_nonfinite_steps:
+            raise RuntimeError(
+                f"the loss was NaN/inf for {self._nonfinite_streak} steps in a row, the last at step "
+                f"{self.global_step} (model.max_nonfinite_steps={self.hparams.max_nonfinite_steps}): stopping. "
+                "Lower the learning rates or check the data; resume from the last checkpoint."
+            )
+        return False
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         now = time.perf_counter()
@@ -347,7 +374,7 @@ class StormModel(L.LightningModule):
                                    {"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
                        if g["params"]]
         if not groups:
-            raise ValueError("every component is frozen (model.freeze_*): nothing to train")
+            raise ConfigError("every component is frozen (model.freeze_*): nothing to train")
         optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from storm_lightning.errors import ConfigError
 from storm_lightning.ops import selective_scan
 from storm_lightning.ops.kernels import mamba_ssm_kernels
 
@@ -79,9 +80,9 @@ class BiMambaMixer(nn.Module):
     ) -> None:
         super().__init__()
         if backend not in ("auto", "torch", "mamba_ssm"):
-            raise ValueError(f"model.projector.init_args.backend must be auto|torch|mamba_ssm, got '{backend}'")
+            raise ConfigError(f"model.projector.init_args.backend must be auto|torch|mamba_ssm, got '{backend}'")
         if backend == "mamba_ssm" and mamba_ssm_kernels() is None:
-            raise RuntimeError(
+            raise ConfigError(
                 "model.projector.init_args.backend=mamba_ssm needs CUDA and `pip install -e .[cuda]`; "
                 "use backend=auto to fall back to the PyTorch scan"
             )
@@ -178,7 +179,7 @@ class MambaTemporalProjector(Projector):
     ) -> None:
         super().__init__()
         if num_layers < 1:
-            raise ValueError(f"model.projector.init_args.num_layers must be >= 1, got {num_layers}")
+            raise ConfigError(f"model.projector.init_args.num_layers must be >= 1, got {num_layers}")
         self.input_dim, self.output_dim = input_dim, output_dim
         self.layers = nn.ModuleList(
             MambaLayer(input_dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional,

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from storm_lightning.errors import MissingPathError
+
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN]
@@ -26,7 +28,7 @@ def load_tokenizer(path: str, key: str = "data.tokenizer_path"):
     from transformers import AutoTokenizer
 
     if not (Path(path) / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"{key}: '{path}' is not a tokenizer directory (no tokenizer_config.json)")
+        raise MissingPathError(f"{key}: '{path}' is not a tokenizer directory (no tokenizer_config.json)")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
     if missing:

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from storm_lightning.errors import ConfigError, MissingPathError
+
 
 class VisionBackbone(nn.Module):
     hidden_size: int
@@ -45,7 +47,7 @@ class VisionBackbone(nn.Module):
 def _require_dir(path: str, key: str) -> Path:
     p = Path(path)
     if not p.is_dir():
-        raise FileNotFoundError(f"{key}: no such directory '{path}' (expected a local from_pretrained directory)")
+        raise MissingPathError(f"{key}: no such directory '{path}' (expected a local from_pretrained directory)")
     return p
 
 
@@ -77,7 +79,7 @@ class SiglipVisionBackbone(VisionBackbone):
             config = self.model.config
         else:
             if image_size % patch_size:
-                raise ValueError(
+                raise ConfigError(
                     f"model.vision.init_args.image_size={image_size} must be a multiple of patch_size={patch_size}"
                 )
             config = SiglipVisionConfig(
@@ -125,7 +127,7 @@ class TimmViTBackbone(VisionBackbone):
         )
         if checkpoint_path is not None:
             if not Path(checkpoint_path).is_file():
-                raise FileNotFoundError(f"model.vision.init_args.checkpoint_path: no such file '{checkpoint_path}'")
+                raise MissingPathError(f"model.vision.init_args.checkpoint_path: no such file '{checkpoint_path}'")
             state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
             state = state.get("state_dict", state.get("model", state))
             missing, unexpected = self.model.load_state_dict(state, strict=False)

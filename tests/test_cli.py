@@ -42,12 +42,39 @@ def test_compressors_added_and_removed_from_the_command_line(run_dir):
     assert "TemporalAveragePool" not in (run_dir / "runs/long/config.yaml").read_text()
 
 
-def test_misconfigurations_name_the_key(run_dir):
-    proc = storm_fit("--config", "conf/sft.yaml", *FAST, "--model.projector.init_args.output_dim=96", check=False)
-    assert proc.returncode != 0
-    assert "model.projector.init_args.output_dim=96 must equal the LLM hidden size 128" in proc.stderr
-    proc = storm_fit("--config", "conf/sft.yaml", *FAST, "--model.projector.class_path=NoSuchProjector",
-                     check=False)
-    assert proc.returncode != 0 and "NoSuchProjector" in proc.stderr
-    proc = storm_fit("--config", "conf/long.yaml", *FAST, check=False)  # no SFT checkpoint in this run_dir
-    assert proc.returncode != 0 and "model.init_from: no such checkpoint 'runs/sft/checkpoints/last.ckpt'" in proc.stderr
+def config_error_line(proc) -> str:
+    """The one line a config error prints (and nothing like a traceback)."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("storm-fit: config error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model.projector.init_args.output_dim=96"],
+     "model.projector.init_args.output_dim=96 must equal the LLM hidden size 128"),
+    (["--model.projector.class_path=NoSuchProjector"], 'Parser key "model.projector"'),
+    (["--model.no_such_key=1"], "unrecognized arguments: --model.no_such_key=1"),
+    (["--model.lr_llm=fast"], 'Parser key "model.lr_llm": Expected a <class \'float\'>'),
+    (["--model.compressors+=SpatialAveragePool", "--model.compressors.init_args.kernel_size=3"],
+     "model.compressors[0] (SpatialAveragePool): SpatialAveragePool kernel_size=3 must divide the 4x4 token grid"),
+    (["--data.image_size=32"], "data.image_size=32 must equal the vision backbone's image size 64"),
+    (["--model.init_from=missing.ckpt"], "model.init_from: no such checkpoint 'missing.ckpt'"),
+    (["--data.tokenizer_path=nowhere"], "data.tokenizer_path (linked to model.tokenizer_path): 'nowhere' is not a tokenizer"),
+])
+def test_misconfigurations_are_one_line_naming_the_key(run_dir, args, expected):
+    line = config_error_line(storm_fit("--config", "conf/sft.yaml", *FAST, *args, check=False))
+    assert expected in line
+
+
+def test_yaml_errors_are_one_line(run_dir):
+    (run_dir / "bad_shards.yaml").write_text(
+        "data:\n  train_sources:\n    - {name: lost, shards: 'no/such-{000..003}.tar'}\n")
+    line = config_error_line(storm_fit("--config", "conf/sft.yaml", "--config", "bad_shards.yaml", *FAST, check=False))
+    assert "data.train_sources[0].shards: no shard matches 'no/such-{000..003}.tar'" in line
+    (run_dir / "bad_key.yaml").write_text("model:\n  lr_lm: 0.1\n")
+    line = config_error_line(storm_fit("--config", "conf/sft.yaml", "--config", "bad_key.yaml", *FAST, check=False))
+    assert "lr_lm" in line
+    line = config_error_line(storm_fit("--config", "conf/long.yaml", *FAST, check=False))  # no SFT run here
+    assert "model.init_from: no such checkpoint 'runs/sft/checkpoints/last.ckpt'" in line

@@ -8,6 +8,7 @@ import torch
 from storm_lightning.compressors import SpatialAveragePool, TemporalAveragePool, TemporalSample
 from storm_lightning.data import ShardSource, StormDataModule
 from storm_lightning.downsamplers import PixelShuffleDownsampler
+from storm_lightning.errors import ConfigError
 from storm_lightning.llm import HFCausalLM
 from storm_lightning.model import StormModel
 from storm_lightning.projectors import MambaTemporalProjector, MLPProjector
@@ -147,5 +148,46 @@ def test_init_from_a_previous_stage(tmp_path):
     second = tiny(init_from=str(tmp_path / "stage.ckpt"), compressors=[TemporalAveragePool(2)])
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
-    with pytest.raises(RuntimeError, match="does not fit this model"):
+    with pytest.raises(ConfigError, match="does not fit this model"):
         tiny(projector="mlp", init_from=str(tmp_path / "stage.ckpt"))
+
+
+def fit_tiny(model, steps, callbacks=()):
+    import lightning as L
+
+    dm = StormDataModule([ShardSource("image", str(SHARDS / "train/image-000000.tar"))], tokenizer_path=TOKENIZER,
+                         image_size=32, batch_size=2, num_workers=0)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    trainer.fit(model, dm)
+    return trainer
+
+
+class PoisonLoss:
+    """Makes the model's loss NaN on the given steps (a Lightning callback-like patch)."""
+
+    def __init__(self, model, steps):
+        self.steps, forward = set(steps), model.forward
+
+        def poisoned(batch):
+            out = forward(batch)
+            if model.global_step in self.steps:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        model.forward = poisoned
+
+
+def test_nonfinite_loss_steps_are_skipped_and_counted():
+    model = tiny(max_nonfinite_steps=3)
+    PoisonLoss(model, steps={2})
+    fit_tiny(model, steps=5)
+    assert model._nonfinite_total >= 1 and model._nonfinite_streak == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN never reached the weights
+
+
+def test_nonfinite_loss_in_a_row_stops_the_run():
+    model = tiny(max_nonfinite_steps=3)
+    PoisonLoss(model, steps=range(1, 100))
+    with pytest.raises(RuntimeError, match=r"NaN/inf for 3 steps in a row.*model.max_nonfinite_steps=3"):
+        fit_tiny(model, steps=10)

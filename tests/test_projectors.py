@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from storm_lightning.errors import ConfigError
 from storm_lightning.projectors import BiMambaMixer, MambaTemporalProjector, MLPProjector
 from tests.conftest import requires_cuda
 
@@ -84,7 +85,7 @@ def test_bidirectional_parameter_names():
 def test_mamba_ssm_backend_without_kernels_fails_clearly():
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the kernels may be installed")
-    with pytest.raises(RuntimeError, match="backend=mamba_ssm needs CUDA"):
+    with pytest.raises(ConfigError, match="backend=mamba_ssm needs CUDA"):
         MambaTemporalProjector(8, 8, backend="mamba_ssm")
     with pytest.raises(ValueError, match="auto|torch|mamba_ssm"):
         MambaTemporalProjector(8, 8, backend="triton")

@@ -35,6 +35,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from storm_lightning.errors import ConfigError, MissingPathError
 from storm_lightning.data.media import IMAGE_EXTS, VIDEO_EXTS, decode_image, decode_video
 from storm_lightning.tokenizer import (
     IGNORE_INDEX,
@@ -61,7 +62,7 @@ class ShardSource:
     def shard_paths(self, key: str) -> list[str]:
         paths = [p for pattern in braceexpand(self.shards) for p in sorted(glob.glob(pattern))]
         if not paths:
-            raise FileNotFoundError(f"{key}: no shard matches '{self.shards}' (source '{self.name}')")
+            raise MissingPathError(f"{key}: no shard matches '{self.shards}' (source '{self.name}')")
         return paths
 
 
@@ -289,17 +290,17 @@ class StormDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if not train_sources:
-            raise ValueError("data.train_sources: at least one source is required")
+            raise ConfigError("data.train_sources: at least one source is required")
         for i, src in enumerate(list(train_sources) + list(val_sources or [])):
             if src.weight < 0 or src.frames_per_clip < 1:
-                raise ValueError(f"data sources[{i}] ('{src.name}'): weight must be >= 0 and frames_per_clip >= 1")
+                raise ConfigError(f"data sources[{i}] ('{src.name}'): weight must be >= 0 and frames_per_clip >= 1")
         self.train_sources, self.val_sources = list(train_sources), list(val_sources or [])
         self.tokenizer_path, self.image_size = tokenizer_path, image_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.max_length = num_workers, max_length
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         if eval_frames_per_clip is not None and eval_frames_per_clip < 1:
-            raise ValueError(f"data.eval_frames_per_clip must be >= 1, got {eval_frames_per_clip}")
+            raise ConfigError(f"data.eval_frames_per_clip must be >= 1, got {eval_frames_per_clip}")
         self.eval_frames_per_clip = eval_frames_per_clip
         # fail now, before anything is read, on a missing tokenizer or shard path
         self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path")
