@@ -155,10 +155,29 @@ class ShardStream(IterableDataset):
         infinite: bool,
         shuffle_buffer: int = 0,
         seed: int = 0,
+        max_skip_rate: float = 1.0,
+        skip_rate_after: int = 100,
     ) -> None:
         self.sources, self.shard_lists, self.processor = sources, shard_lists, processor
         self.infinite, self.shuffle_buffer, self.seed = infinite, shuffle_buffer, seed
-        self.skipped: Counter = Counter()  # per reader process
+        self.max_skip_rate, self.skip_rate_after = max_skip_rate, skip_rate_after
+        self.skipped: Counter = Counter()  # per reader process, not yet reported in a batch
+        self.seen: Counter = Counter()  # per source, this reader, since the start
+        self.bad: Counter = Counter()
+
+    def _count_bad(self, source: ShardSource, what: str, key, url) -> None:
+        """Count and log one bad sample; stop the run when the source's skip rate is too high."""
+        self.skipped[source.name] += 1
+        self.seen[source.name] += 1
+        self.bad[source.name] += 1
+        log.warning("source '%s': skipped %s (shard %s): %s", source.name, key, url, what)
+        seen, bad = self.seen[source.name], self.bad[source.name]
+        if seen >= self.skip_rate_after and bad / seen > self.max_skip_rate:
+            raise RuntimeError(
+                f"source '{source.name}': {bad} of {seen} samples skipped ({bad / seen:.0%}), over "
+                f"data.max_skip_rate={self.max_skip_rate}. Last bad: sample {key} in shard {url}: {what}. "
+                "Repair or drop that source, or raise data.max_skip_rate"
+            )
 
     def _raw_samples(self, src: int, reader: int, readers: int, epoch: int):
         shards = list(self.shard_lists[src])
@@ -168,9 +187,8 @@ class ShardStream(IterableDataset):
         split_shards = len(shards) >= readers
         mine = shards[reader::readers] if split_shards else shards
 
-        def count_and_continue(exn: Exception) -> bool:
-            self.skipped[self.sources[src].name] += 1
-            log.warning("source '%s': unreadable shard data skipped: %s", self.sources[src].name, exn)
+        def count_and_continue(exn: Exception) -> bool:  # unreadable tar data: count it as one bad sample
+            self._count_bad(self.sources[src], f"unreadable shard data: {exn}", "?", getattr(exn, "url", mine))
             return True
 
         samples = wds.tarfile_to_samples(handler=count_and_continue)({"url": url} for url in mine)
@@ -207,11 +225,10 @@ class ShardStream(IterableDataset):
         """Yields the processed sample, or nothing (counted and logged) if it is bad."""
         try:
             sample = self.processor(raw, source)
-        except Exception as exn:  # a bad sample costs one sample, never the run
-            self.skipped[source.name] += 1
-            log.warning("source '%s': skipped sample '%s': %s: %s", source.name, raw.get("__key__"),
-                        type(exn).__name__, exn)
+        except Exception as exn:  # a bad sample costs one sample, never the run (unless too many do)
+            self._count_bad(source, f"{type(exn).__name__}: {exn}", f"'{raw.get('__key__')}'", raw.get("__url__"))
             return
+        self.seen[source.name] += 1
         sample["skipped"], self.skipped = dict(self.skipped), Counter()
         yield sample
 
@@ -272,6 +289,8 @@ class StormDataModule(L.LightningDataModule):
     are mixed by ``weight``; ``val_sources`` are each read once per validation run, and by
     ``storm-fit validate|test|predict``. ``eval_frames_per_clip`` replaces every validation source's
     ``frames_per_clip`` (evaluate on more frames than trained on, without editing the source list).
+    Bad samples are skipped and counted; once a source has given ``skip_rate_after`` samples, a share
+    of skipped ones above ``max_skip_rate`` stops the run with the source and shard named.
     """
 
     def __init__(
@@ -287,6 +306,8 @@ class StormDataModule(L.LightningDataModule):
         shuffle_buffer: int = 64,
         seed: int = 0,
         eval_frames_per_clip: int | None = None,
+        max_skip_rate: float = 0.2,
+        skip_rate_after: int = 100,
     ) -> None:
         super().__init__()
         if not train_sources:
@@ -302,6 +323,9 @@ class StormDataModule(L.LightningDataModule):
         if eval_frames_per_clip is not None and eval_frames_per_clip < 1:
             raise ConfigError(f"data.eval_frames_per_clip must be >= 1, got {eval_frames_per_clip}")
         self.eval_frames_per_clip = eval_frames_per_clip
+        if not 0.0 <= max_skip_rate <= 1.0:
+            raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {max_skip_rate}")
+        self.max_skip_rate, self.skip_rate_after = max_skip_rate, skip_rate_after
         # fail now, before anything is read, on a missing tokenizer or shard path
         self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path")
         self.train_shards = [s.shard_paths(f"data.train_sources[{i}].shards") for i, s in enumerate(self.train_sources)]
@@ -332,14 +356,16 @@ class StormDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         stream = ShardStream(self.train_sources, self.train_shards, self._processor(), infinite=True,
-                             shuffle_buffer=self.shuffle_buffer, seed=self.seed)
+                             shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+                             max_skip_rate=self.max_skip_rate, skip_rate_after=self.skip_rate_after)
         return self._loader(stream, self.batch_size)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
             return []
         stream = ShardStream(self.val_sources, self.val_shards, self._processor(self.eval_frames_per_clip),
-                             infinite=False, seed=self.seed)
+                             infinite=False, seed=self.seed, max_skip_rate=self.max_skip_rate,
+                             skip_rate_after=self.skip_rate_after)
         return self._loader(stream, self.val_batch_size)
 
     # `storm-fit test` and `storm-fit predict` read the validation sources once, like validation
