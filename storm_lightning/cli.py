@@ -7,7 +7,9 @@ import os
 import sys
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from storm_lightning.checkpoint import AtomicCheckpointIO
 from storm_lightning.data import StormDataModule
 from storm_lightning.errors import ConfigError
 from storm_lightning.model import StormModel
@@ -33,6 +35,12 @@ class StormCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # one tokenizer for data and model: set data.tokenizer_path only
         parser.link_arguments("data.tokenizer_path", "model.tokenizer_path")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make saves atomic
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def fit_main(args: list[str] | None = None) -> None:
