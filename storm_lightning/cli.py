@@ -58,8 +58,8 @@ def fit_main(args: list[str] | None = None) -> None:
 
 
 def shards_main(args: list[str] | None = None) -> None:
-    """``storm-shards synth [--out data_shards] [--seed 0] [--scale 1.0]``."""
-    parser = argparse.ArgumentParser(prog="storm-shards", description=__doc__)
+    """``storm-shards synth|convert|check``: make, import and validate WebDataset shards."""
+    parser = argparse.ArgumentParser(prog="storm-shards", description=shards_main.__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     synth = sub.add_parser("synth", help="generate the synthetic temporal-reasoning shards and tokenizer")
     synth.add_argument("--out", default="data_shards")
@@ -67,6 +67,16 @@ def shards_main(args: list[str] | None = None) -> None:
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--scale", type=float, default=1.0, help="multiply every source's sample count")
     synth.add_argument("--shards-per-source", type=int, default=4)
+    conv = sub.add_parser("convert", help="LLaVA-style JSON/JSONL + media folder -> shards")
+    conv.add_argument("--annotations", required=True, help="a .json list of records or a .jsonl file")
+    conv.add_argument("--media-root", required=True, help="the folder the records' image/video paths are in")
+    conv.add_argument("--out", required=True)
+    conv.add_argument("--prefix", default="data")
+    conv.add_argument("--samples-per-shard", type=int, default=1000)
+    conv.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    chk = sub.add_parser("check", help="read every sample of the given shards; exit 1 if any is bad")
+    chk.add_argument("shards", nargs="+", help="shard paths or brace patterns")
+    chk.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     opts = parser.parse_args(args)
     if opts.command == "synth":
         from storm_lightning.data.synth import synthesize
@@ -75,3 +85,25 @@ def shards_main(args: list[str] | None = None) -> None:
                             shards_per_source=opts.shards_per_source)
         for name, count in counts.items():
             print(f"{name}: {count} samples")
+    elif opts.command == "convert":
+        from storm_lightning.data.convert import convert
+
+        report = convert(opts.annotations, opts.media_root, opts.out, prefix=opts.prefix,
+                         samples_per_shard=opts.samples_per_shard, workers=opts.workers)
+        print(f"{report['written']} of {report['records']} records written to {report['shards']} shards "
+              f"({report['resumed_shards']} already there): {report['shard_pattern']}")
+        for kind, count in report["problems_by_kind"].items():
+            print(f"  left out, {kind}: {count}")
+        print(f"report: {opts.out}/convert_report.json")
+    else:
+        from braceexpand import braceexpand
+
+        from storm_lightning.data.convert import check
+
+        paths = [p for pattern in opts.shards for p in braceexpand(pattern)]
+        results = check(paths, workers=opts.workers)
+        for r in results:
+            print(f"{r['shard']}: {r['samples']} samples, {len(r['bad'])} bad")
+            for b in r["bad"][:20]:
+                print(f"  {b['key']}: {b['problem']}")
+        sys.exit(1 if any(r["bad"] for r in results) else 0)

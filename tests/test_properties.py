@@ -89,7 +89,8 @@ def test_scan_matches_the_definition(seed, b, d, n, length, chunk, delta_scale):
                                                return_last_state=True)
     assert y.shape == (b, d, length) and last.shape == (b, d, n)
     assert torch.isfinite(y).all()
-    # relative 1e-5, plus 1e-6 absolute: terms are O(1), so fp32 leaves ~1e-7 absolute error even where
-    # they cancel to a tiny output (hypothesis found y ~ 2.6e-5 at length 1)
-    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(last.double(), last_ref, rtol=1e-5, atol=1e-6)
+    # error within 1e-5 of the largest output, plus 1e-6: fp32 leaves an absolute error of ~1e-7 times the
+    # size of the terms, even where they cancel to a tiny output (hypothesis found y ~ 2.6e-5 at length 1,
+    # and a small y among outputs of ~100 with delta ~ 90)
+    for ours, ref in ((y, y_ref), (last, last_ref)):
+        assert (ours.double() - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-6
