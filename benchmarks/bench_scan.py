@@ -84,22 +84,14 @@ def bench_mixer(batch: int, length: int, width: int, repeats: int, reference_rep
 
 
 def bench_model_share(repeats: int) -> None:
-    from jsonargparse import ArgumentParser
-
-    from storm_lightning.data import StormDataModule
-    from storm_lightning.model import StormModel
+    from storm_lightning.data import ShardSource, StormDataModule
+    from storm_lightning.inference import build_model
 
     os.chdir(ROOT)
-    parser = ArgumentParser()
-    parser.add_class_arguments(StormModel, "model")
-    parser.add_class_arguments(StormDataModule, "data")
-    parser.add_argument("--trainer", type=dict)
-    parser.add_argument("--seed_everything", type=int)
-    cfg = parser.parse_path("conf/sft.yaml")
-    cfg.model.tokenizer_path = cfg.data.tokenizer_path
-    objects = parser.instantiate(cfg)
-    model, dm = objects.model.eval(), objects.data
-    dm.num_workers = 0
+    model, data = build_model("conf/sft.yaml")
+    model.eval()
+    dm = StormDataModule([ShardSource(**s) for s in data["train_sources"]], tokenizer_path=data["tokenizer_path"],
+                         image_size=data["image_size"], batch_size=data["batch_size"], num_workers=0)
     batches = iter(dm.train_dataloader())
     batch = next(b for b in batches if int((b["frames_per_sample"] == 32).sum()) >= 3)
 

@@ -107,3 +107,48 @@ def shards_main(args: list[str] | None = None) -> None:
             for b in r["bad"][:20]:
                 print(f"  {b['key']}: {b['problem']}")
         sys.exit(1 if any(r["bad"] for r in results) else 0)
+
+
+def chat_main(args: list[str] | None = None) -> None:
+    """``storm-chat --checkpoint CKPT [--video F | --image F] --prompt "..."``: ask a trained model."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="storm-chat", description=chat_main.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a storm-fit .ckpt")
+    parser.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
+    media = parser.add_mutually_exclusive_group()
+    media.add_argument("--video")
+    media.add_argument("--image")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--frames", type=int, default=32, help="frames sampled uniformly from the video")
+    parser.add_argument("--temporal-pool", type=int, metavar="K", help="replace the compressors: pool K frames")
+    parser.add_argument("--spatial-pool", type=int, metavar="P", help="... and/or pool P x P tokens")
+    parser.add_argument("--temporal-sample", type=int, metavar="S", help="... and/or keep every S-th frame")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    opts = parser.parse_args(args)
+
+    from storm_lightning.compressors import SpatialAveragePool, TemporalAveragePool, TemporalSample
+    from storm_lightning.data.media import decode_image, decode_video
+    from storm_lightning.inference import generate, load_model
+
+    chain = []
+    if opts.temporal_pool:
+        chain.append(TemporalAveragePool(opts.temporal_pool))
+    if opts.spatial_pool:
+        chain.append(SpatialAveragePool(opts.spatial_pool))
+    if opts.temporal_sample:
+        chain.append(TemporalSample(opts.temporal_sample))
+    try:
+        model, _ = load_model(opts.checkpoint, opts.config, chain or None)  # None: the checkpoint's chain
+    except ConfigError as exn:
+        config_error(str(exn))
+    size = model.vision.image_size
+    pixels = None
+    if opts.video:
+        pixels, _, total = decode_video(open(opts.video, "rb").read(), opts.frames, size)
+        before, after = model.visual_tokens(opts.frames, training=False)
+        print(f"[{opts.frames} of {total} frames, {before} visual tokens -> {after} after compression]",
+              file=sys.stderr)
+    elif opts.image:
+        pixels = decode_image(open(opts.image, "rb").read(), size)
+    generate(model, opts.prompt, pixels, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature)
