@@ -144,3 +144,11 @@ def test_bundled_shards_have_temporal_multiple_choice_questions():
         metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
     assert {m["category"] for m in metas} == {"direction", "order", "flash", "count"}
     assert all(len(m["options"]) == 4 and 0 <= m["answer"] < 4 for m in metas)
+
+
+def test_validation_interleaves_sources(tmp_path):
+    a = write_tar(tmp_path / "a-000000.tar", {f"a{i}": {"json": conv("hi", "yo.")} for i in range(3)})
+    b = write_tar(tmp_path / "b-000000.tar", {f"b{i}": {"json": conv("hi", "yo.")} for i in range(1)})
+    stream = ShardStream([ShardSource("a", a), ShardSource("b", b)], [[a], [b]], SampleProcessor(TOKENIZER, 16, 512),
+                         infinite=False)
+    assert [s["key"] for s in stream] == ["a0", "b0", "a1", "a2"]

@@ -5,8 +5,9 @@ media entry ``<key>.{jpg,png,webp}`` or ``<key>.{mp4,webm,mkv}``. Entries are re
 decoded here: webdataset's default decoders are never used (they unpickle ``.pkl``/``.pyd``).
 
 Training mixes several sources by weight, forever (Lightning's ``max_steps`` ends the run). Validation
-reads each source once. Shards are split across ranks and data workers; when there are fewer shards
-than readers, every reader reads all shards and keeps every ``readers``-th sample instead.
+reads each source once, interleaving them round robin. Shards are split across ranks and data workers;
+when there are fewer shards than readers, every reader reads all shards and keeps every
+``readers``-th sample instead.
 
 A batch (``collate``)::
 
@@ -145,7 +146,8 @@ def _reader_position() -> tuple[int, int]:
 
 
 class ShardStream(IterableDataset):
-    """Samples of several sources: mixed by weight forever (``infinite``), or each source once in turn."""
+    """Samples of several sources: mixed by weight forever (``infinite``), or each source once,
+    interleaved round robin."""
 
     def __init__(
         self,
@@ -235,8 +237,9 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         reader, readers = _reader_position()
         streams = [self._source_samples(i, reader, readers) for i in range(len(self.sources))]
-        if not self.infinite:
-            yield from itertools.chain(*streams)
+        if not self.infinite:  # round robin, so a limited validation still sees every source
+            for group in itertools.zip_longest(*streams):
+                yield from (sample for sample in group if sample is not None)
             return
         rng = random.Random(f"{self.seed}-{reader}-mix")
         weights = [s.weight for s in self.sources]
