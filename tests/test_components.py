@@ -136,3 +136,18 @@ def test_llm_misconfigurations():
         HFCausalLM(hidden_size=30, num_heads=4, num_kv_heads=2)
     with pytest.raises(FileNotFoundError, match="model.llm.init_args.pretrained_path"):
         HFCausalLM(pretrained_path="/nonexistent/qwen")
+
+
+@pytest.mark.parametrize("config", ["conf/paper/sft_32f.yaml", "conf/paper/long_128f.yaml"])
+def test_paper_configs_build_with_the_paper_shapes(config):
+    """Built on the meta device: the sizes are checked without allocating 8B parameters."""
+    from storm_lightning.inference import build_model
+    from tests.conftest import ROOT
+
+    with torch.device("meta"):
+        model, data = build_model(str(ROOT / config))
+    assert model.vision.num_patches == 1024 and model.token_grid == (16, 16)
+    frames = data["train_sources"][0]["frames_per_clip"]
+    assert model.visual_tokens(frames, training=True)[1] == 8192  # the paper's 8K visual-token budget
+    params = sum(p.numel() for p in model.llm.parameters())
+    assert 7.0e9 < params < 8.0e9  # Qwen2-7B
