@@ -2,8 +2,12 @@
 
 Interface (``CausalLM``)::
 
-    embed(input_ids: (B, L)) -> (B, L, hidden_size)
-    forward(inputs_embeds: (B, L, hidden_size), attention_mask: (B, L)) -> logits (B, L, vocab)
+    forward(input_ids (B, L), attention_mask (B, L), visual_mask (B, L), visual (V, hidden_size),
+            head_mask (B, L)) -> (hidden (B, L, hidden_size), logits (head_mask.sum(), vocab))
+
+Visual tokens are written into the embeddings where ``visual_mask`` is set, in row-major order, and
+the LM head runs only where ``head_mask`` is set. Everything happens in this one call so that, under
+FSDP2, the root parameters (embeddings, final norm, tied head) are gathered exactly once per step.
 
 Built from typed size arguments (random weights; the tiny default is a Qwen2) or loaded with
 ``from_pretrained(pretrained_path)`` from a local directory. ``trust_remote_code`` is never set.
@@ -29,12 +33,30 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
+    def embed_with_visual(self, input_ids: Tensor, visual_mask: Tensor | None = None, visual: Tensor | None = None,
+                          zero: Tensor | None = None) -> Tensor:
+        embeds = self.embed(input_ids)
+        if visual is not None:
+            assert visual.shape == (int(visual_mask.sum()), self.hidden_size), (
+                f"{int(visual_mask.sum())} visual slots of width {self.hidden_size}, got {tuple(visual.shape)}")
+            embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), visual.to(embeds.dtype))
+        if zero is not None:  # dummy work joins the graph with weight 0 (see StormModel.encode_media)
+            embeds = embeds + zero.to(embeds.dtype)
+        return embeds
+
     def resize_vocab(self, size: int) -> None:
         self.model.resize_token_embeddings(size, mean_resizing=False)
 
-    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, **kwargs):
-        assert inputs_embeds.shape[-1] == self.hidden_size, f"LLM expects width {self.hidden_size}"
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one (the decoder layers)."""
+        return list(self.model.get_decoder().layers)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, visual_mask: Tensor | None = None,
+                visual: Tensor | None = None, zero: Tensor | None = None, head_mask: Tensor | None = None):
+        embeds = self.embed_with_visual(input_ids, visual_mask, visual, zero)
+        hidden = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        logits = self.model.get_output_embeddings()(hidden[head_mask]) if head_mask is not None else None
+        return hidden, logits
 
 
 class HFCausalLM(CausalLM):

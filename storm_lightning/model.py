@@ -172,79 +172,125 @@ class StormModel(L.LightningModule):
 
     # ---- forward ------------------------------------------------------------------------------------
 
-    def encode_media(self, pixel_values: Tensor, frames_per_sample: Tensor) -> list[Tensor]:
-        """uint8 frames (F, 3, S, S) -> one (T' * N', D_llm) tensor per sample with media, in order."""
+    def encode_media(self, pixel_values: Tensor | None, frames_per_sample: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        """uint8 frames (F, 3, S, S) -> one (T' * N', D_llm) tensor per sample with media, in order,
+        and a zero-valued scalar that ties any dummy work to the loss (None when there was none).
+
+        Every rank makes the same module calls, so FSDP/DDP collectives match: the projector runs once
+        per clip length present on *any* rank (a dummy clip where this rank has none of that length),
+        and the vision tower runs on a dummy frame when this rank's batch has no media at all.
+        """
+        counts = [int(t) for t in frames_per_sample if t > 0]
+        lengths = self._clip_lengths_on_all_ranks(counts)
+        if not lengths:
+            return [], None
+        if pixel_values is None:  # another rank has media: run the vision path on one blank frame
+            size = self.vision.image_size
+            pixel_values = torch.zeros(1, 3, size, size, dtype=torch.uint8, device=frames_per_sample.device)
         x = (pixel_values.to(self.pixel_mean.dtype) / 255.0 - self.pixel_mean) / self.pixel_std
         x = x.to(next(self.vision.parameters()).dtype)
         tokens = self.downsampler(self.vision(x), self.vision.grid)  # (F, N, D_in)
-        counts = [int(t) for t in frames_per_sample if t > 0]
-        clips = tokens.split(counts)
+        clips = tokens.split(counts) if counts else ()
         out: list[Tensor | None] = [None] * len(clips)
-        for frames in sorted(set(counts)):  # one projector call per clip length
+        zero = None
+        for frames in lengths:  # one projector call per clip length
             index = [i for i, t in enumerate(counts) if t == frames]
-            x = self.projector(torch.stack([clips[i] for i in index]))  # (B_T, T, N, D_llm)
+            batch = (torch.stack([clips[i] for i in index]) if index
+                     else tokens[:1].unsqueeze(0).expand(1, frames, *tokens.shape[1:]))  # dummy clip
+            x = self.projector(batch)  # (B_T, T, N, D_llm)
             grid = self.token_grid
             for compressor in self.compressors:
                 x, grid = compressor(x, grid)
+            if not index:
+                zero = x.sum() * 0 if zero is None else zero + x.sum() * 0
             for row, i in enumerate(index):
                 out[i] = x[row].flatten(0, 1)
-        return out
+        return out, zero
 
-    def build_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-        """Text embeddings with each media placeholder replaced by that sample's visual tokens.
-        Returns inputs_embeds (B, L', D), attention_mask (B, L'), labels (B, L'), right-padded."""
+    @staticmethod
+    def _clip_lengths_on_all_ranks(counts: list[int]) -> list[int]:
+        lengths = set(counts)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                gathered: list = [None] * world
+                torch.distributed.all_gather_object(gathered, sorted(lengths))
+                lengths = set().union(*map(set, gathered))
+        return sorted(lengths)
+
+    def expand_inputs(self, batch: dict) -> dict:
+        """Each media placeholder widened to as many slots as that sample has visual tokens.
+
+        Returns (right-padded, length L'): ``input_ids`` (pad id in visual slots), ``visual_mask``,
+        ``attention_mask``, ``labels`` (-100 on visual slots), ``visual`` (V, D_llm) in row-major slot
+        order, and ``zero`` (see ``encode_media``).
+        """
         input_ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
-        embeds = self.llm.embed(input_ids)
-        visual = iter([])
-        if batch.get("pixel_values") is not None:
-            visual = iter(self.encode_media(batch["pixel_values"], batch["frames_per_sample"]))
+        visual, zero = self.encode_media(batch.get("pixel_values"), batch["frames_per_sample"])
+        lengths = iter([len(v) for v in visual])
         is_media = torch.isin(input_ids, torch.tensor(self.media_token_ids, device=input_ids.device))
-        rows, row_labels = [], []
+        pad = self.tokenizer.pad_token_id
+        rows = []
         for i in range(input_ids.shape[0]):
-            e, lab = embeds[i][mask[i]], labels[i][mask[i]]
+            ids, lab = input_ids[i][mask[i]], labels[i][mask[i]]
+            slots = torch.zeros_like(ids, dtype=torch.bool)
             where = is_media[i][mask[i]].nonzero().flatten()
             if int(batch["frames_per_sample"][i]) > 0:
                 assert len(where) == 1, f"sample {i}: {len(where)} media placeholders for one medium"
-                p, v = int(where[0]), next(visual).to(e.dtype)
-                e = torch.cat([e[:p], v, e[p + 1:]])
-                lab = torch.cat([lab[:p], lab.new_full((len(v),), IGNORE_INDEX), lab[p + 1:]])
+                p, n = int(where[0]), next(lengths)
+                ids = torch.cat([ids[:p], ids.new_full((n,), pad), ids[p + 1:]])
+                lab = torch.cat([lab[:p], lab.new_full((n,), IGNORE_INDEX), lab[p + 1:]])
+                slots = torch.cat([slots[:p], slots.new_ones(n), slots[p + 1:]])
             else:
                 assert len(where) == 0, f"sample {i}: media placeholder without media"
-            rows.append(e)
-            row_labels.append(lab)
-        length = max(len(r) for r in rows)
-        inputs = embeds.new_zeros(len(rows), length, embeds.shape[-1])
-        out_labels = labels.new_full((len(rows), length), IGNORE_INDEX)
-        attention = mask.new_zeros(len(rows), length, dtype=torch.long)
-        for i, (e, lab) in enumerate(zip(rows, row_labels)):
-            inputs[i, : len(e)], out_labels[i, : len(e)], attention[i, : len(e)] = e, lab, 1
-        return inputs, attention, out_labels
+            rows.append((ids, lab, slots))
+        length = max(len(r[0]) for r in rows)
+        out = {
+            "input_ids": input_ids.new_full((len(rows), length), pad),
+            "labels": labels.new_full((len(rows), length), IGNORE_INDEX),
+            "visual_mask": torch.zeros(len(rows), length, dtype=torch.bool, device=input_ids.device),
+            "attention_mask": torch.zeros(len(rows), length, dtype=torch.long, device=input_ids.device),
+        }
+        for i, (ids, lab, slots) in enumerate(rows):
+            n = len(ids)
+            out["input_ids"][i, :n], out["labels"][i, :n], out["visual_mask"][i, :n] = ids, lab, slots
+            out["attention_mask"][i, :n] = 1
+        out["visual"] = torch.cat(visual) if visual else None
+        out["zero"] = zero
+        return out
+
+    def build_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """inputs_embeds (B, L', D), attention_mask (B, L'), labels (B, L'): for generation and profiling."""
+        x = self.expand_inputs(batch)
+        embeds = self.llm.embed_with_visual(x["input_ids"], x["visual_mask"], x["visual"], x["zero"])
+        return embeds, x["attention_mask"], x["labels"]
 
     def forward(self, batch: dict) -> dict:
         """loss (mean over assistant tokens), sample_loss (B,) (mean per sample), token counts, and
-        ``choice_scores`` (B, OPTIONS) for multiple-choice samples (None rows elsewhere)."""
-        inputs, attention, labels = self.build_inputs(batch)
-        hidden = self.llm.model.get_decoder()(inputs_embeds=inputs, attention_mask=attention).last_hidden_state
-        head = self.llm.model.get_output_embeddings()
-        targets = labels[:, 1:]
+        ``choice_scores`` (B, OPTIONS): option-letter logits (rows without an answer: zeros)."""
+        x = self.expand_inputs(batch)
+        targets = x["labels"][:, 1:]
         keep = targets != IGNORE_INDEX  # the LM head runs only where there is something to predict
-        logits = head(hidden[:, :-1][keep])
+        # one call into the LLM module: under FSDP2 its root parameters are gathered for exactly this call
+        _, logits = self.llm(x["input_ids"], x["attention_mask"], x["visual_mask"], x["visual"], x["zero"],
+                             head_mask=F.pad(keep, (0, 1)))
         token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="none")
         rows = keep.nonzero()[:, 0]
         sample_loss = token_loss.new_zeros(len(keep)).index_add_(0, rows, token_loss.detach())
         sample_loss /= keep.sum(1).clamp_min(1)
-        return {"loss": token_loss.mean(), "sample_loss": sample_loss, "llm_tokens": int(attention.sum()),
-                "label_tokens": int(keep.sum()), "choice_scores": self._choice_scores(hidden, keep, head)}
+        return {"loss": token_loss.mean(), "sample_loss": sample_loss,
+                "llm_tokens": int(x["attention_mask"].sum()), "label_tokens": int(keep.sum()),
+                "choice_scores": self._choice_scores(logits, keep)}
 
-    def _choice_scores(self, hidden: Tensor, keep: Tensor, head: nn.Module) -> Tensor:
-        """Logits of the option letters at the position that predicts the last answer's first token.
-
-        Teacher forcing does not leak the answer: that position only attends to the prompt. (B, OPTIONS)
-        """
+    def _choice_scores(self, logits: Tensor, keep: Tensor) -> Tensor:
+        """Option-letter logits where the last answer's first token is predicted. Teacher forcing does
+        not leak the answer: that position only attends to the prompt. (B, OPTIONS)"""
         starts = keep & ~F.pad(keep, (1, 0))[:, :-1]  # first target position of each assistant turn
-        last = torch.where(starts, torch.arange(keep.shape[1], device=keep.device), -1).amax(1).clamp_min(0)
-        at = hidden[torch.arange(len(hidden), device=hidden.device), last]  # (B, D)
-        return head(at)[:, self.option_token_ids].float()
+        last = torch.where(starts, torch.arange(keep.shape[1], device=keep.device), -1).amax(1)
+        flat = keep.flatten().cumsum(0).view_as(keep) - 1  # index into `logits` of each kept position
+        index = flat[torch.arange(len(keep), device=keep.device), last.clamp_min(0)]
+        scores = logits[index.clamp_min(0)][:, self.option_token_ids].float()
+        return torch.where((last >= 0)[:, None], scores, torch.zeros_like(scores))
 
     # ---- training -----------------------------------------------------------------------------------
 

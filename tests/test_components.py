@@ -120,15 +120,26 @@ def test_chain_output_shape():
 
 def test_llm_from_config_and_from_local_directory(tmp_path):
     llm = HFCausalLM(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, vocab_size=50)
-    assert llm.hidden_size == 32 and llm.vocab_size == 50
-    embeds = llm.embed(torch.tensor([[1, 2, 3]]))
-    assert embeds.shape == (1, 3, 32)
-    assert llm(embeds, torch.ones(1, 3, dtype=torch.long)).logits.shape == (1, 3, 50)
+    assert llm.hidden_size == 32 and llm.vocab_size == 50 and len(llm.shard_units()) == 1
+    ids, attention = torch.tensor([[1, 2, 3, 4]]), torch.ones(1, 4, dtype=torch.long)
+    head_mask = torch.tensor([[True, False, True, False]])
+    hidden, logits = llm(ids, attention, head_mask=head_mask)
+    assert hidden.shape == (1, 4, 32) and logits.shape == (2, 50)
     llm.model.save_pretrained(tmp_path / "qwen")
     loaded = HFCausalLM(pretrained_path=str(tmp_path / "qwen"))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(embeds, torch.ones(1, 3, dtype=torch.long)).logits,
-                                   llm(embeds, torch.ones(1, 3, dtype=torch.long)).logits)
+        torch.testing.assert_close(loaded(ids, attention, head_mask=head_mask)[1], logits)
+
+
+def test_llm_writes_visual_tokens_into_their_slots():
+    llm = HFCausalLM(hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=16, vocab_size=20)
+    ids = torch.tensor([[1, 0, 0, 2], [3, 4, 0, 5]])
+    slots = torch.tensor([[False, True, True, False], [False, False, True, False]])
+    visual = torch.randn(3, 8)
+    embeds = llm.embed_with_visual(ids, slots, visual)
+    torch.testing.assert_close(embeds[0, 1:3], visual[:2])
+    torch.testing.assert_close(embeds[1, 2], visual[2])
+    torch.testing.assert_close(embeds[1, 0], llm.embed(torch.tensor([3]))[0])
 
 
 def test_llm_misconfigurations():
