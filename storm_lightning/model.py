@@ -66,6 +66,7 @@ class StormModel(L.LightningModule):
         init_from: a checkpoint of a previous stage (``.ckpt``) whose weights start this stage.
         max_nonfinite_steps: a step whose loss is NaN/inf is skipped (no update) and counted; this many
             in a row stop the run.
+        fsdp_bf16: under FSDP2 on CUDA, compute in bf16 with fp32 gradient reduction.
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class StormModel(L.LightningModule):
         init_from: str | None = None,
         init_from_strict: bool = True,
         max_nonfinite_steps: int = 20,
+        fsdp_bf16: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["vision", "downsampler", "projector", "llm", "compressors"])
@@ -156,6 +158,23 @@ class StormModel(L.LightningModule):
         for key, frames in getattr(dm, "video_frames", dict)().items():
             _require(frames >= pool, f"{key}={frames} is fewer frames than the temporal pooling of "
                                      f"{pool} set in model.compressors: use at least {pool}")
+
+    def configure_model(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy`` (``conf/fsdp.yaml``): every vision block, projector layer
+        and LLM decoder layer is its own shard unit, then each component's remaining parameters. On CUDA
+        the parameters compute in bf16 and gradients are reduced in fp32."""
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if self.hparams.fsdp_bf16 and self.device.type == "cuda" else MixedPrecisionPolicy())
+        for component in (self.vision, self.downsampler, self.projector, self.llm):
+            for unit in getattr(component, "shard_units", list)():
+                fully_shard(unit, mesh=dp_mesh, mp_policy=policy)
+            fully_shard(component, mesh=dp_mesh, mp_policy=policy)
 
     def _load_init(self, path: str, strict: bool) -> None:
         if not Path(path).is_file():
@@ -375,13 +394,7 @@ class StormModel(L.LightningModule):
             groups = ["overall", f"category/{batch['category'][i] or 'none'}",
                       f"clip_frames/{clip_bucket(batch['clip_frames'][i])}"]
             for group in groups:
-                name = f"{stage}/accuracy/{group}"
-                key = name.replace("/", ":")
-                if key not in self.accuracy:
-                    self.accuracy[key] = MeanMetric().to(self.device)
-                self.accuracy[key].update(correct)
-                self.log(name, self.accuracy[key], on_step=False, on_epoch=True, batch_size=1,
-                         metric_attribute=f"accuracy.{key}")
+                self._accuracy(f"{stage}/accuracy/{group}").update(correct)
             if stage == "test":
                 self._predictions.append({
                     "key": batch["keys"][i], "source": batch["sources"][i], "category": batch["category"][i],
@@ -390,7 +403,33 @@ class StormModel(L.LightningModule):
                     "correct": bool(correct), "scores": [round(float(x), 4) for x in scores[i, : len(options)]],
                 })
 
+    def _accuracy(self, name: str) -> MeanMetric:
+        key = name.replace("/", ":")  # ModuleDict keys cannot hold "."; "/" reads badly in state dicts
+        if key not in self.accuracy:
+            self.accuracy[key] = MeanMetric().to(self.device)
+        return self.accuracy[key]
+
+    def _log_accuracies(self, stage: str) -> None:
+        """Compute and log every accuracy of this stage, synchronised across ranks.
+
+        Ranks see different categories, so first agree on the union of names, then compute in one
+        sorted order: every rank makes the same collective calls.
+        """
+        names = sorted(k.replace(":", "/") for k in self.accuracy if k.startswith(f"{stage}:"))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, names)
+            names = sorted(set().union(*gathered))
+        for name in names:
+            metric = self._accuracy(name)
+            self.log(name, metric.compute(), rank_zero_only=True)  # compute() synchronises the ranks
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_accuracies("val")
+
     def on_test_epoch_end(self) -> None:
+        self._log_accuracies("test")
         if not self._predictions:
             return
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)

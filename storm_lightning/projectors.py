@@ -32,6 +32,10 @@ class Projector(nn.Module):
     input_dim: int
     output_dim: int
 
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one."""
+        return []
+
     def _check_input(self, x: Tensor) -> None:
         assert x.ndim == 4 and x.shape[-1] == self.input_dim, (
             f"{type(self).__name__} expects (B, T, N, {self.input_dim}), got {tuple(x.shape)}"
@@ -188,6 +192,9 @@ class MambaTemporalProjector(Projector):
         )
         self.backend = backend
         self.out = nn.Linear(input_dim, output_dim) if output_dim != input_dim else nn.Identity()
+
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.layers)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

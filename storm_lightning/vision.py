@@ -37,6 +37,10 @@ class VisionBackbone(nn.Module):
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one."""
+        return []
+
     def _check_input(self, pixel_values: Tensor) -> None:
         assert pixel_values.ndim == 4 and pixel_values.shape[1:] == (3, self.image_size, self.image_size), (
             f"{type(self).__name__} expects (F, 3, {self.image_size}, {self.image_size}), "
@@ -97,6 +101,10 @@ class SiglipVisionBackbone(VisionBackbone):
         # SigLIP normalises to [-1, 1]
         self.image_mean, self.image_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
+    def shard_units(self) -> list[nn.Module]:
+        tower = getattr(self.model, "vision_model", self.model)  # transformers < 5 wraps it once more
+        return list(tower.encoder.layers)
+
     def forward(self, pixel_values: Tensor) -> Tensor:
         self._check_input(pixel_values)
         if self.select_layer == -1:
@@ -139,6 +147,9 @@ class TimmViTBackbone(VisionBackbone):
         cfg = self.model.pretrained_cfg or {}
         self.image_mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
         self.image_std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))
+
+    def shard_units(self) -> list[nn.Module]:
+        return list(self.model.blocks)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         self._check_input(pixel_values)

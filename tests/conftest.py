@@ -34,7 +34,8 @@ def storm_fit(*args: str, check: bool = True):
     """Run the real ``storm-fit`` entry point in a subprocess; returns the CompletedProcess."""
     import subprocess
 
-    cmd = [sys.executable, "-c", "from storm_lightning.cli import fit_main; fit_main()", *args]
+    # the installed console script, as users run it (Lightning's multi-process launcher re-runs argv)
+    cmd = [sys.executable, str(Path(sys.executable).with_name("storm-fit")), *args]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
