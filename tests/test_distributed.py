@@ -68,5 +68,18 @@ def test_fsdp_config_trains_two_cpu_processes_and_saves_shards(run_dir):
     storm_fit("--config", "conf/sft.yaml", "--config", "conf/fsdp.yaml", *FAST,
               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_steps=3",
               "--trainer.val_check_interval=3")
-    shards = sorted(p.name for p in (run_dir / "runs/sft/checkpoints/last.ckpt").iterdir())
+    sharded = run_dir / "runs/sft/checkpoints/last.ckpt"
+    shards = sorted(p.name for p in sharded.iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # one file per rank, never gathered
+    # consolidated into one file, it loads for inference and resumes on one process
+    from storm_lightning.checkpoint import consolidate
+    from storm_lightning.inference import load_model
+
+    checkpoint = consolidate(str(sharded), str(run_dir / "single.ckpt"))
+    assert checkpoint["global_step"] == 3 and len(checkpoint["optimizer_states"]) == 1
+    model, _ = load_model(str(run_dir / "single.ckpt"), config=str(run_dir / "runs/sft/config.yaml"))
+    torch.testing.assert_close(model.state_dict()["llm.model.lm_head.weight"],
+                               checkpoint["state_dict"]["llm.model.lm_head.weight"])
+    storm_fit("--config", "conf/sft.yaml", *FAST, "--trainer.max_steps=4",
+              "--trainer.callbacks.init_args.dirpath=runs/one", f"--ckpt_path={run_dir / 'single.ckpt'}")
+    assert torch.load(run_dir / "runs/one/last.ckpt", weights_only=True)["global_step"] == 4
