@@ -18,6 +18,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -167,7 +168,7 @@ class MambaTemporalProjector(Projector):
     downsampler Linear usually maps straight to the LLM width, making that Linear unnecessary).
     ``backend``: ``auto`` uses mamba-ssm's CUDA kernels on CUDA tensors when installed, else the PyTorch
     scan (``storm_lightning.ops.selective_scan``); ``torch`` always the latter; ``mamba_ssm`` requires
-    the kernels.
+    the kernels. ``gradient_checkpointing`` recomputes each layer in backward instead of storing it.
     """
 
     def __init__(
@@ -180,6 +181,7 @@ class MambaTemporalProjector(Projector):
         expand: int = 2,
         bidirectional: bool = True,
         backend: ScanBackend = "auto",
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -190,7 +192,7 @@ class MambaTemporalProjector(Projector):
                        backend=backend)
             for _ in range(num_layers)
         )
-        self.backend = backend
+        self.backend, self.gradient_checkpointing = backend, gradient_checkpointing
         self.out = nn.Linear(input_dim, output_dim) if output_dim != input_dim else nn.Identity()
 
     def shard_units(self) -> list[nn.Module]:
@@ -201,5 +203,8 @@ class MambaTemporalProjector(Projector):
         b, t, n, d = x.shape
         seq = x.reshape(b, t * n, d)  # frame-major, row-major inside each frame: the scan order
         for layer in self.layers:
-            seq = layer(seq)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                seq = torch.utils.checkpoint.checkpoint(layer, seq, use_reentrant=False)
+            else:
+                seq = layer(seq)
         return self.out(seq).view(b, t, n, self.output_dim)

@@ -73,6 +73,7 @@ class SiglipVisionBackbone(VisionBackbone):
         intermediate_size: int = 128,
         select_layer: int = -1,
         pretrained_path: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -98,6 +99,8 @@ class SiglipVisionBackbone(VisionBackbone):
             self.model = SiglipVisionModel(config)
         self.image_size, self.patch_size, self.hidden_size = config.image_size, config.patch_size, config.hidden_size
         self.select_layer = select_layer
+        if gradient_checkpointing:  # recompute each layer in backward: activation memory of one layer
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # SigLIP normalises to [-1, 1]
         self.image_mean, self.image_std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -126,6 +129,7 @@ class TimmViTBackbone(VisionBackbone):
         image_size: int = 64,
         patch_size: int = 8,
         checkpoint_path: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         import timm
@@ -144,6 +148,7 @@ class TimmViTBackbone(VisionBackbone):
                 raise RuntimeError(f"{checkpoint_path} lacks weights for {missing[:5]}... ({len(missing)} keys)")
         self.image_size, self.patch_size = image_size, patch_size
         self.hidden_size = self.model.num_features
+        self.model.set_grad_checkpointing(gradient_checkpointing)
         cfg = self.model.pretrained_cfg or {}
         self.image_mean = tuple(cfg.get("mean", (0.5, 0.5, 0.5)))
         self.image_std = tuple(cfg.get("std", (0.5, 0.5, 0.5)))

@@ -100,3 +100,21 @@ def test_mamba_ssm_backend_matches_torch_backend():
     slow.load_state_dict(fast.state_dict())
     x = torch.randn(2, 8, 16, 64, device="cuda")
     torch.testing.assert_close(fast(x), slow(x), rtol=1e-3, atol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from storm_lightning.vision import SiglipVisionBackbone
+
+    for make in (lambda ckpt: MambaTemporalProjector(8, 8, num_layers=2, d_state=4, gradient_checkpointing=ckpt),
+                 lambda ckpt: SiglipVisionBackbone(image_size=16, patch_size=8, hidden_size=16, num_layers=2,
+                                                   num_heads=2, intermediate_size=32, gradient_checkpointing=ckpt)):
+        torch.manual_seed(0)
+        plain = make(False)
+        torch.manual_seed(0)
+        checkpointed = make(True)
+        x = torch.randn(2, 3, 16, 16) if isinstance(plain, SiglipVisionBackbone) else torch.randn(1, 3, 4, 8)
+        for m in (plain, checkpointed):
+            m.train()
+            m(x).square().sum().backward()
+        for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
