@@ -113,7 +113,7 @@ def chat_main(args: list[str] | None = None) -> None:
     """``storm-chat --checkpoint CKPT [--video F | --image F] --prompt "..."``: ask a trained model."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="storm-chat", description=chat_main.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="a storm-fit .ckpt")
+    parser.add_argument("--checkpoint", required=True, help="a storm-fit .ckpt or a storm-export directory")
     parser.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
     media = parser.add_mutually_exclusive_group()
     media.add_argument("--video")
@@ -152,3 +152,21 @@ def chat_main(args: list[str] | None = None) -> None:
     elif opts.image:
         pixels = decode_image(open(opts.image, "rb").read(), size)
     generate(model, opts.prompt, pixels, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature)
+
+
+def export_main(args: list[str] | None = None) -> None:
+    """``storm-export --checkpoint CKPT --out DIR``: a Hugging Face style directory (config.json,
+    model.safetensors, tokenizer/) that ``storm_lightning.inference.from_pretrained`` and storm-chat load."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="storm-export", description=export_main.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a single-file .ckpt (storm-consolidate a sharded one)")
+    parser.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
+    parser.add_argument("--out", required=True)
+    opts = parser.parse_args(args)
+    from storm_lightning.inference import export
+
+    try:
+        out = export(opts.checkpoint, opts.out, opts.config)
+    except ConfigError as exn:
+        config_error(str(exn))
+    print(f"exported to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")

@@ -33,34 +33,84 @@ def load_config(config: str) -> dict:
     return {"model": full["model"], "data": full.get("data", {})}
 
 
-def build_model(config: str, compressors: list[Compressor] | None = None) -> tuple[StormModel, dict]:
-    """A StormModel from a storm-fit config, random weights; ``compressors`` replaces the chain."""
-    from jsonargparse import ArgumentParser
-
+def model_config(config: str) -> tuple[dict, dict]:
+    """(the model section ready to build: no init_from, the data's tokenizer; the data section)."""
     sections = load_config(config)
     model_cfg = dict(sections["model"])
     model_cfg["init_from"] = None  # weights come from the checkpoint being loaded, not the previous stage
     model_cfg["tokenizer_path"] = sections["data"].get("tokenizer_path", model_cfg.get("tokenizer_path"))
-    if compressors is not None:
-        model_cfg["compressors"] = []
+    return model_cfg, sections["data"]
+
+
+def instantiate(model_cfg: dict, compressors: list[Compressor] | None = None) -> StormModel:
+    """A StormModel (random weights) from a model config dict; ``compressors`` replaces the chain."""
+    from jsonargparse import ArgumentParser
+
+    model_cfg = dict(model_cfg, compressors=[] if compressors is not None else model_cfg.get("compressors", []))
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(StormModel, "model")
-    cfg = parser.parse_object({"model": model_cfg})
-    model = parser.instantiate(cfg).model
+    model = parser.instantiate(parser.parse_object({"model": model_cfg})).model
     if compressors is not None:
         model.compressors = torch.nn.ModuleList(compressors)
         model._check_sizes()
-    return model, sections["data"]
+    return model
+
+
+def build_model(config: str, compressors: list[Compressor] | None = None) -> tuple[StormModel, dict]:
+    """A StormModel from a storm-fit config, random weights, and the config's data section."""
+    model_cfg, data = model_config(config)
+    return instantiate(model_cfg, compressors), data
 
 
 def load_model(checkpoint: str, config: str | None = None, compressors: list[Compressor] | None = None):
-    """(model in eval mode with the checkpoint's weights, the config's data section)."""
+    """(model in eval mode with the checkpoint's weights, the config's data section).
+    ``checkpoint`` is a storm-fit ``.ckpt`` or a ``storm-export`` directory."""
+    if Path(checkpoint).is_dir() and (Path(checkpoint) / EXPORT_CONFIG).is_file():
+        return from_pretrained(checkpoint, compressors), {}
     if not Path(checkpoint).is_file():
         raise MissingPathError(f"--checkpoint: no such file '{checkpoint}'")
     model, data = build_model(str(config or find_config(checkpoint)), compressors)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model.load_state_dict(state.get("state_dict", state))
     return model.eval(), data
+
+
+EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
+
+
+def export(checkpoint: str, out_dir: str, config: str | None = None) -> Path:
+    """A storm-fit checkpoint -> a Hugging Face style directory: ``config.json`` (the components'
+    class_path/init_args), ``model.safetensors``, ``tokenizer/``. ``from_pretrained`` loads it back."""
+    import json
+
+    from safetensors.torch import save_model
+
+    config = str(config or find_config(checkpoint))
+    model, _ = load_model(checkpoint, config)
+    model_cfg, _ = model_config(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.tokenizer.save_pretrained(out / "tokenizer")
+    model_cfg["tokenizer_path"] = "tokenizer"  # relative to the export directory
+    (out / EXPORT_CONFIG).write_text(json.dumps({"format": "storm-lightning", "model": model_cfg}, indent=1))
+    save_model(model, str(out / EXPORT_WEIGHTS))  # tied embeddings are stored once
+    return out
+
+
+def from_pretrained(directory: str, compressors: list[Compressor] | None = None) -> StormModel:
+    """Load a ``storm-export`` directory (safetensors: no code runs while loading)."""
+    import json
+
+    from safetensors.torch import load_model as load_safetensors
+
+    root = Path(directory)
+    if not (root / EXPORT_CONFIG).is_file():
+        raise MissingPathError(f"'{directory}' is not a storm-export directory (no {EXPORT_CONFIG})")
+    model_cfg = json.loads((root / EXPORT_CONFIG).read_text())["model"]
+    model_cfg["tokenizer_path"] = str(root / model_cfg["tokenizer_path"])
+    model = instantiate(model_cfg, compressors)
+    load_safetensors(model, str(root / EXPORT_WEIGHTS), strict=True)
+    return model.eval()
 
 
 def media_batch(model: StormModel, prompt: str, pixel_values: torch.Tensor | None) -> dict:

@@ -154,6 +154,8 @@ class StormModel(L.LightningModule):
         _require(size == self.vision.image_size,
                  f"data.image_size={size} must equal the vision backbone's image size {self.vision.image_size} "
                  f"(model.vision.init_args.image_size)")
+        if hasattr(dm, "visual_tokens") and hasattr(dm, "frame_counts"):  # for batching by token budget
+            dm.visual_tokens.update({t: self.visual_tokens(t, training=True)[1] for t in dm.frame_counts()})
         pool = math.prod(c.kernel_size for c in self.compressors if isinstance(c, TemporalAveragePool))
         for key, frames in getattr(dm, "video_frames", dict)().items():
             _require(frames >= pool, f"{key}={frames} is fewer frames than the temporal pooling of "

@@ -97,7 +97,7 @@ def test_check_finds_bad_samples_and_fails(tmp_path, llava):
 
 
 @pytest.mark.slow
-def test_converted_shards_train(llava, run_dir):
+def test_converted_shards_train_and_export(llava, run_dir):
     annotations, root, out = llava
     convert(str(annotations), str(root), str(out), samples_per_shard=4, progress=False)
     (run_dir / "mine.yaml").write_text(
@@ -106,6 +106,11 @@ def test_converted_shards_train(llava, run_dir):
         "  val_sources: []\n  batch_size: 3\n")
     storm_fit("--config", "conf/sft.yaml", "--config", "mine.yaml", *FAST)
     assert (run_dir / "runs/sft/checkpoints/last.ckpt").is_file()
+    from storm_lightning.cli import export_main
+    from storm_lightning.inference import from_pretrained
+
+    export_main(["--checkpoint", str(run_dir / "runs/sft/checkpoints/last.ckpt"), "--out", str(run_dir / "export")])
+    assert from_pretrained(str(run_dir / "export")).visual_tokens(4, training=False) == (64, 64)
 
 
 def test_bundled_eval_shards_check_clean():

@@ -152,3 +152,26 @@ def test_validation_interleaves_sources(tmp_path):
     stream = ShardStream([ShardSource("a", a), ShardSource("b", b)], [[a], [b]], SampleProcessor(TOKENIZER, 16, 512),
                          infinite=False)
     assert [s["key"] for s in stream] == ["a0", "b0", "a1", "a2"]
+
+
+def test_token_budget_batches_mix_clip_lengths_within_the_budget():
+    from storm_lightning.data.datamodule import TokenBudgetBatches
+
+    dm = StormDataModule(
+        train_sources=[ShardSource("v32", str(SHARDS / "train/video32-000000.tar"), 1.0, frames_per_clip=8),
+                       ShardSource("v128", str(SHARDS / "train/video128-000000.tar"), 1.0, frames_per_clip=32),
+                       ShardSource("text", str(SHARDS / "train/text-000000.tar"), 1.0)],
+        tokenizer_path=TOKENIZER, image_size=64, num_workers=0, token_budget=600, shuffle_buffer=0,
+    )
+    dm.visual_tokens.update({1: 16, 8: 128, 32: 512})  # what StormModel.setup fills in (16 tokens/frame)
+    loader = dm.train_dataloader()
+    assert isinstance(loader.dataset, TokenBudgetBatches)
+    sizes, lengths = [], set()
+    for batch, _ in zip(loader, range(30)):
+        frames = batch["frames_per_sample"].tolist()
+        text = (batch["attention_mask"].sum(1) - (batch["frames_per_sample"] > 0).long()).tolist()
+        used = sum(t + dm.visual_tokens.get(f, 0) for t, f in zip(text, frames))
+        assert used <= 600 or len(frames) == 1
+        sizes.append(len(frames))
+        lengths.update(f for f in frames if f)
+    assert lengths == {8, 32} and min(sizes) < max(sizes)  # clip lengths share the run; batch size varies

@@ -58,3 +58,15 @@ def test_checkpoint_reloads_and_storm_chat_answers(run_dir, tmp_path):
     pixels, _, _ = decode_video(video, 32, sampled.vision.image_size)
     expected = generate(sampled, "Describe what happens in the video.", pixels, max_new_tokens=8, stream=False)
     assert proc.stdout.strip() == expected
+
+    # storm-export round trip: same weights, same answers
+    from storm_lightning.cli import export_main
+    from storm_lightning.inference import from_pretrained
+
+    export_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "export")])
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    exported = from_pretrained(str(tmp_path / "export"), compressors=[TemporalSample(2)])
+    for name, value in sampled.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], value, msg=name)
+    prompt = "Describe what happens in the video."
+    assert generate(exported, prompt, pixels, max_new_tokens=8, stream=False) == expected

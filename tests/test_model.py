@@ -191,3 +191,12 @@ def test_nonfinite_loss_in_a_row_stops_the_run():
     PoisonLoss(model, steps=range(1, 100))
     with pytest.raises(RuntimeError, match=r"NaN/inf for 3 steps in a row.*model.max_nonfinite_steps=3"):
         fit_tiny(model, steps=10)
+
+
+def test_setup_tells_the_datamodule_visual_tokens_after_compression():
+    dm = StormDataModule([ShardSource("v", str(SHARDS / "train/video32-000000.tar"), frames_per_clip=8)],
+                         tokenizer_path=TOKENIZER, image_size=32, token_budget=1000)
+    model = tiny(compressors=[TemporalAveragePool(4)])  # 2 x 2 tokens per frame
+    fake_trainer(model, dm)
+    model.setup("fit")
+    assert dm.visual_tokens == {1: 4, 8: 8}

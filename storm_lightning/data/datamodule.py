@@ -247,6 +247,41 @@ class ShardStream(IterableDataset):
             yield next(streams[rng.choices(range(len(streams)), weights)[0]])
 
 
+class TokenBudgetBatches(IterableDataset):
+    """Batches of whole samples packed up to ``budget`` LLM tokens (text + visual after compression).
+
+    ``visual_tokens`` maps a sample's frame count (1 for an image) to its visual tokens after the
+    model's compressors; the model fills it in at setup. A sample alone over the budget is a batch of
+    one (and a warning). At most ``max_samples`` per batch.
+    """
+
+    def __init__(self, samples: IterableDataset, budget: int, visual_tokens: dict[int, int], pad_id: int,
+                 max_samples: int = 256) -> None:
+        self.samples, self.budget, self.visual_tokens = samples, budget, visual_tokens
+        self.pad_id, self.max_samples = pad_id, max_samples
+
+    def cost(self, sample: dict) -> int:
+        frames = 0 if sample["pixel_values"] is None else len(sample["pixel_values"])
+        if frames and frames not in self.visual_tokens:
+            raise KeyError(f"no visual-token count for {frames}-frame clips: is the model set up?")
+        return len(sample["input_ids"]) - (1 if frames else 0) + self.visual_tokens.get(frames, 0)
+
+    def __iter__(self):
+        batch, used = [], 0
+        for sample in self.samples:
+            cost = self.cost(sample)
+            if batch and (used + cost > self.budget or len(batch) == self.max_samples):
+                yield collate(batch, self.pad_id)
+                batch, used = [], 0
+            if cost > self.budget:
+                log.warning("sample '%s' alone needs %d tokens, over data.token_budget=%d", sample["key"], cost,
+                            self.budget)
+            batch.append(sample)
+            used += cost
+        if batch:
+            yield collate(batch, self.pad_id)
+
+
 def collate(samples: list[dict], pad_id: int) -> dict:
     length = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
@@ -294,6 +329,9 @@ class StormDataModule(L.LightningDataModule):
     ``frames_per_clip`` (evaluate on more frames than trained on, without editing the source list).
     Bad samples are skipped and counted; once a source has given ``skip_rate_after`` samples, a share
     of skipped ones above ``max_skip_rate`` stops the run with the source and shard named.
+    ``token_budget``: training batches hold as many samples as fit in that many LLM tokens (text plus
+    visual tokens after compression) instead of ``batch_size``, so 8-frame and 128-frame clips share a
+    run without padding waste or running out of memory.
     """
 
     def __init__(
@@ -311,6 +349,7 @@ class StormDataModule(L.LightningDataModule):
         eval_frames_per_clip: int | None = None,
         max_skip_rate: float = 0.2,
         skip_rate_after: int = 100,
+        token_budget: int | None = None,
     ) -> None:
         super().__init__()
         if not train_sources:
@@ -329,6 +368,10 @@ class StormDataModule(L.LightningDataModule):
         if not 0.0 <= max_skip_rate <= 1.0:
             raise ConfigError(f"data.max_skip_rate must be in [0, 1], got {max_skip_rate}")
         self.max_skip_rate, self.skip_rate_after = max_skip_rate, skip_rate_after
+        if token_budget is not None and token_budget < 1:
+            raise ConfigError(f"data.token_budget must be a positive number of tokens, got {token_budget}")
+        self.token_budget = token_budget
+        self.visual_tokens: dict[int, int] = {}  # frames -> visual tokens after compression (set by the model)
         # fail now, before anything is read, on a missing tokenizer or shard path
         self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path")
         self.train_shards = [s.shard_paths(f"data.train_sources[{i}].shards") for i, s in enumerate(self.train_sources)]
@@ -357,11 +400,19 @@ class StormDataModule(L.LightningDataModule):
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
 
+    def frame_counts(self) -> set[int]:
+        """Every clip length the training sources produce (1: images)."""
+        return {1} | {s.frames_per_clip for s in self.train_sources}
+
     def train_dataloader(self) -> DataLoader:
         stream = ShardStream(self.train_sources, self.train_shards, self._processor(), infinite=True,
                              shuffle_buffer=self.shuffle_buffer, seed=self.seed,
                              max_skip_rate=self.max_skip_rate, skip_rate_after=self.skip_rate_after)
-        return self._loader(stream, self.batch_size)
+        if self.token_budget is None:
+            return self._loader(stream, self.batch_size)
+        batches = TokenBudgetBatches(stream, self.token_budget, dict(self.visual_tokens), self.tokenizer.pad_token_id)
+        return DataLoader(batches, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
