@@ -67,6 +67,8 @@ class StormModel(L.LightningModule):
         max_nonfinite_steps: a step whose loss is NaN/inf is skipped (no update) and counted; this many
             in a row stop the run.
         fsdp_bf16: under FSDP2 on CUDA, compute in bf16 with fp32 gradient reduction.
+        schedule_steps: length of the warmup + cosine schedule (default: ``trainer.max_steps``); set it
+            when a run will be stopped and resumed with a different ``max_steps``.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class StormModel(L.LightningModule):
         init_from_strict: bool = True,
         max_nonfinite_steps: int = 20,
         fsdp_bf16: bool = True,
+        schedule_steps: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["vision", "downsampler", "projector", "llm", "compressors"])
@@ -463,7 +466,7 @@ class StormModel(L.LightningModule):
         if not groups:
             raise ConfigError("every component is frozen (model.freeze_*): nothing to train")
         optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, int(hp.schedule_steps or self.trainer.estimated_stepping_batches))
         warmup = min(hp.warmup_steps, total)
 
         def schedule(step: int) -> float:

@@ -59,3 +59,23 @@ def test_sigkill_mid_run_then_resume(run_dir):
     # resumed at `saved`, so only the steps after it were redone; the final step is saved too, although
     # it is not a multiple of every_n_train_steps
     assert last_step(ckpt) == saved + 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_matches_an_uninterrupted_run(run_dir, workers):
+    """Stopped at step 3 and resumed to 6 == 6 steps straight: weights, optimizer, schedule, data."""
+    args = ["--config", "conf/sft.yaml", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+            f"--data.num_workers={workers}", "--model.schedule_steps=6", "--model.warmup_steps=2"]
+    storm_fit(*args, "--trainer.max_steps=6", "--trainer.callbacks.init_args.dirpath=runs/straight")
+    storm_fit(*args, "--trainer.max_steps=3", "--trainer.callbacks.init_args.dirpath=runs/split")
+    storm_fit(*args, "--trainer.max_steps=6", "--trainer.callbacks.init_args.dirpath=runs/split",
+              "--ckpt_path=runs/split/last.ckpt")
+    straight = torch.load(run_dir / "runs/straight/last.ckpt", weights_only=True)
+    split = torch.load(run_dir / "runs/split/last.ckpt", weights_only=True)
+    assert straight["global_step"] == split["global_step"] == 6
+    for name, value in straight["state_dict"].items():
+        torch.testing.assert_close(split["state_dict"][name], value, rtol=0, atol=0, msg=name)
+    moments = [(s["exp_avg"], t["exp_avg"]) for s, t in zip(straight["optimizer_states"][0]["state"].values(),
+                                                             split["optimizer_states"][0]["state"].values())]
+    assert all(torch.equal(a, b) for a, b in moments)

@@ -103,7 +103,7 @@ def test_readers_split_samples_without_overlap(tmp_path, monkeypatch):
     source = ShardSource("t", shard)
     seen = []
     for reader in range(3):  # one shard, three readers: every reader keeps every 3rd sample
-        monkeypatch.setattr("storm_lightning.data.datamodule._reader_position", lambda r=reader: (r, 3))
+        monkeypatch.setattr("storm_lightning.data.datamodule._reader_position", lambda taken=0, r=reader: (r, 3))
         stream = ShardStream([source], [[shard]], SampleProcessor(TOKENIZER, 16, 512), infinite=False)
         seen.append([s["key"] for s in stream])
     assert sorted(sum(seen, [])) == [f"s{i:02d}" for i in range(10)]

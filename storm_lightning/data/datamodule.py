@@ -135,13 +135,22 @@ class SampleProcessor:
         return sample
 
 
-def _reader_position() -> tuple[int, int]:
+def _worker_role(batches_taken: int = 0) -> tuple[int, int]:
+    """(role, workers) of this data worker. A DataLoader takes batches from its workers in turn,
+    always starting with worker 0; after ``batches_taken`` batches the next one was due from worker
+    ``batches_taken % workers``, so on resume worker ``i`` plays the part of worker
+    ``(i + batches_taken) % workers``: same shards, same stream, same turn."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return (worker + batches_taken) % workers, workers
+
+
+def _reader_position(batches_taken: int = 0) -> tuple[int, int]:
     """(index, count) of this reader among all ranks x data workers."""
     rank, world = 0, 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    worker, workers = _worker_role(batches_taken)
     return rank * workers + worker, world * workers
 
 
@@ -163,6 +172,7 @@ class ShardStream(IterableDataset):
         self.sources, self.shard_lists, self.processor = sources, shard_lists, processor
         self.infinite, self.shuffle_buffer, self.seed = infinite, shuffle_buffer, seed
         self.max_skip_rate, self.skip_rate_after = max_skip_rate, skip_rate_after
+        self.batches_taken = 0  # set when resuming: see _worker_role
         self.skipped: Counter = Counter()  # per reader process, not yet reported in a batch
         self.seen: Counter = Counter()  # per source, this reader, since the start
         self.bad: Counter = Counter()
@@ -235,7 +245,10 @@ class ShardStream(IterableDataset):
         yield sample
 
     def __iter__(self):
-        reader, readers = _reader_position()
+        yield from self._samples()
+
+    def _samples(self):
+        reader, readers = _reader_position(self.batches_taken)
         streams = [self._source_samples(i, reader, readers) for i in range(len(self.sources))]
         if not self.infinite:  # round robin, so a limited validation still sees every source
             for group in itertools.zip_longest(*streams):
@@ -247,6 +260,43 @@ class ShardStream(IterableDataset):
             yield next(streams[rng.choices(range(len(streams)), weights)[0]])
 
 
+def worker_share(batches: int) -> int:
+    """Of the first ``batches`` batches of the run, how many came from the worker whose role this
+    worker plays (see ``_worker_role``)."""
+    role, workers = _worker_role(batches)
+    return max(0, -(-(batches - role) // workers))
+
+
+class ResumableBatches(IterableDataset):
+    """Batches of ``batch_size`` samples from a stream, starting after the first ``skip`` batches.
+
+    Resuming replays the skipped batches and throws them away (decoding included), so the batches
+    that follow, and the samples skipped as bad, are exactly those of an uninterrupted run.
+    """
+
+    def __init__(self, samples: ShardStream, batch_size: int, pad_id: int, skip: int = 0) -> None:
+        self.samples, self.batch_size, self.pad_id, self.skip = samples, batch_size, pad_id, skip
+        samples.batches_taken = skip
+
+    def _batches(self):
+        batch = []
+        for sample in self.samples:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def __iter__(self):
+        batches = self._batches()
+        for _ in range(worker_share(self.skip)):
+            if next(batches, None) is None:
+                return
+        for batch in batches:
+            yield collate(batch, self.pad_id)
+
+
 class TokenBudgetBatches(IterableDataset):
     """Batches of whole samples packed up to ``budget`` LLM tokens (text + visual after compression).
 
@@ -255,10 +305,11 @@ class TokenBudgetBatches(IterableDataset):
     one (and a warning). At most ``max_samples`` per batch.
     """
 
-    def __init__(self, samples: IterableDataset, budget: int, visual_tokens: dict[int, int], pad_id: int,
-                 max_samples: int = 256) -> None:
+    def __init__(self, samples: ShardStream, budget: int, visual_tokens: dict[int, int], pad_id: int,
+                 max_samples: int = 256, skip: int = 0) -> None:
         self.samples, self.budget, self.visual_tokens = samples, budget, visual_tokens
-        self.pad_id, self.max_samples = pad_id, max_samples
+        self.pad_id, self.max_samples, self.skip = pad_id, max_samples, skip
+        samples.batches_taken = skip
 
     def cost(self, sample: dict) -> int:
         frames = 0 if sample["pixel_values"] is None else len(sample["pixel_values"])
@@ -266,12 +317,12 @@ class TokenBudgetBatches(IterableDataset):
             raise KeyError(f"no visual-token count for {frames}-frame clips: is the model set up?")
         return len(sample["input_ids"]) - (1 if frames else 0) + self.visual_tokens.get(frames, 0)
 
-    def __iter__(self):
+    def _batches(self):
         batch, used = [], 0
         for sample in self.samples:
             cost = self.cost(sample)
             if batch and (used + cost > self.budget or len(batch) == self.max_samples):
-                yield collate(batch, self.pad_id)
+                yield batch
                 batch, used = [], 0
             if cost > self.budget:
                 log.warning("sample '%s' alone needs %d tokens, over data.token_budget=%d", sample["key"], cost,
@@ -279,6 +330,14 @@ class TokenBudgetBatches(IterableDataset):
             batch.append(sample)
             used += cost
         if batch:
+            yield batch
+
+    def __iter__(self):
+        batches = self._batches()
+        for _ in range(worker_share(self.skip)):  # resume: replay and drop what was already trained on
+            if next(batches, None) is None:
+                return
+        for batch in batches:
             yield collate(batch, self.pad_id)
 
 
@@ -372,6 +431,7 @@ class StormDataModule(L.LightningDataModule):
             raise ConfigError(f"data.token_budget must be a positive number of tokens, got {token_budget}")
         self.token_budget = token_budget
         self.visual_tokens: dict[int, int] = {}  # frames -> visual tokens after compression (set by the model)
+        self._resume_batches = 0  # training batches to replay and drop (set from a checkpoint)
         # fail now, before anything is read, on a missing tokenizer or shard path
         self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path")
         self.train_shards = [s.shard_paths(f"data.train_sources[{i}].shards") for i, s in enumerate(self.train_sources)]
@@ -408,11 +468,25 @@ class StormDataModule(L.LightningDataModule):
         stream = ShardStream(self.train_sources, self.train_shards, self._processor(), infinite=True,
                              shuffle_buffer=self.shuffle_buffer, seed=self.seed,
                              max_skip_rate=self.max_skip_rate, skip_rate_after=self.skip_rate_after)
+        pad, skip = self.tokenizer.pad_token_id, self._resume_batches
         if self.token_budget is None:
-            return self._loader(stream, self.batch_size)
-        batches = TokenBudgetBatches(stream, self.token_budget, dict(self.visual_tokens), self.tokenizer.pad_token_id)
+            batches = ResumableBatches(stream, self.batch_size, pad, skip=skip)
+        else:
+            batches = TokenBudgetBatches(stream, self.token_budget, dict(self.visual_tokens), pad, skip=skip)
         return DataLoader(batches, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers > 0 else None)
+
+    # The data position in checkpoints: how many training batches this rank has taken. On resume the
+    # streams replay and drop that many, so training continues on the batch it would have seen next.
+    def state_dict(self) -> dict:
+        trainer = getattr(self, "trainer", None)
+        taken = trainer.fit_loop.total_batch_idx + 1 if trainer is not None else self._resume_batches
+        return {"train_batches_taken": int(taken), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            log.warning("data.seed changed from %s to %s: the resumed data order differs", state["seed"], self.seed)
+        self._resume_batches = int(state.get("train_batches_taken", 0))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sources:
