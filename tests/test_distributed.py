@@ -83,3 +83,21 @@ def test_fsdp_config_trains_two_cpu_processes_and_saves_shards(run_dir):
     storm_fit("--config", "conf/sft.yaml", *FAST, "--trainer.max_steps=4",
               "--trainer.callbacks.init_args.dirpath=runs/one", f"--ckpt_path={run_dir / 'single.ckpt'}")
     assert torch.load(run_dir / "runs/one/last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_fsdp_exact_resume_from_a_sharded_checkpoint(run_dir):
+    """Two ranks: 2 steps, stop, resume from the sharded checkpoint to 4 == 4 steps straight."""
+    from storm_lightning.checkpoint import consolidate
+
+    args = ["--config", "conf/sft.yaml", "--config", "conf/fsdp.yaml", "--trainer.accelerator=cpu",
+            "--trainer.devices=2", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+            "--data.num_workers=1", "--model.schedule_steps=4", "--model.warmup_steps=1"]
+    storm_fit(*args, "--trainer.max_steps=4", "--trainer.callbacks.init_args.dirpath=runs/straight")
+    storm_fit(*args, "--trainer.max_steps=2", "--trainer.callbacks.init_args.dirpath=runs/split")
+    storm_fit(*args, "--trainer.max_steps=4", "--trainer.callbacks.init_args.dirpath=runs/split",
+              "--ckpt_path=runs/split/last.ckpt")
+    straight = consolidate(str(run_dir / "runs/straight/last.ckpt"), str(run_dir / "straight.ckpt"))
+    split = consolidate(str(run_dir / "runs/split/last.ckpt"), str(run_dir / "split.ckpt"))
+    assert straight["global_step"] == split["global_step"] == 4
+    for name, value in straight["state_dict"].items():
+        torch.testing.assert_close(split["state_dict"][name], value, rtol=0, atol=0, msg=name)
