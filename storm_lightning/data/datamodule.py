@@ -25,7 +25,6 @@ import glob
 import itertools
 import json
 import logging
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
