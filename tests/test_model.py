@@ -200,3 +200,27 @@ def test_setup_tells_the_datamodule_visual_tokens_after_compression():
     fake_trainer(model, dm)
     model.setup("fit")
     assert dm.visual_tokens == {1: 4, 8: 8}
+
+
+def test_choice_scores_read_the_position_that_predicts_the_answer_letter():
+    """Give the LM head a perfect oracle (logit 1 on each position's true next token): the option
+    scores must then pick the right letter, for each sample, in whatever turn the answer is."""
+    import torch.nn.functional as F
+
+    model = tiny()
+    tok = model.tokenizer
+    rows = []
+    for answer in ("C", "A", "D"):
+        turns = [{"from": "human", "value": "What is 1 plus 1?"}, {"from": "gpt", "value": "2."},
+                 {"from": "human", "value": "Pick one.\nA. x\nB. y\nC. z\nD. w"}, {"from": "gpt", "value": answer}]
+        ids, labels = encode_conversation(tok, turns, 512)
+        rows.append((torch.tensor(ids), torch.tensor(labels)))
+    length = max(len(r[0]) for r in rows)
+    labels = torch.full((3, length), IGNORE_INDEX)
+    for i, (_, lab) in enumerate(rows):
+        labels[i, : len(lab)] = lab
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    oracle = F.one_hot(targets[keep], num_classes=len(tok)).float()
+    scores = model._choice_scores(oracle, keep)
+    assert scores[:, :4].argmax(1).tolist() == [2, 0, 3]
