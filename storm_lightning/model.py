@@ -19,6 +19,7 @@ import math
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -69,6 +70,10 @@ class StormModel(L.LightningModule):
         fsdp_bf16: under FSDP2 on CUDA, compute in bf16 with fp32 gradient reduction.
         schedule_steps: length of the warmup + cosine schedule (default: ``trainer.max_steps``); set it
             when a run will be stopped and resumed with a different ``max_steps``.
+        loss_weighting: how the assistant tokens of a batch are averaged. ``token``: every token alike,
+            so long answers dominate and a one-letter multiple-choice answer barely counts; ``sample``:
+            every sample alike (token weight 1/n for a sample with n target tokens); ``square``: weight
+            1/sqrt(n), between the two (InternVL 2.5's "square averaging").
     """
 
     def __init__(
@@ -94,11 +99,14 @@ class StormModel(L.LightningModule):
         max_nonfinite_steps: int = 20,
         fsdp_bf16: bool = True,
         schedule_steps: int | None = None,
+        loss_weighting: Literal["token", "sample", "square"] = "token",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["vision", "downsampler", "projector", "llm", "compressors"])
         self.vision, self.downsampler, self.projector, self.llm = vision, downsampler, projector, llm
         self.compressors = nn.ModuleList(compressors or [])
+        _require(loss_weighting in ("token", "sample", "square"),
+                 f"model.loss_weighting: expected token, sample or square, got {loss_weighting!r}")
         self._check_sizes()
 
         self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path (linked to model.tokenizer_path)")
@@ -290,7 +298,7 @@ class StormModel(L.LightningModule):
         return embeds, x["attention_mask"], x["labels"]
 
     def forward(self, batch: dict) -> dict:
-        """loss (mean over assistant tokens), sample_loss (B,) (mean per sample), token counts, and
+        """loss (over assistant tokens, weighted as ``loss_weighting`` says), sample_loss (B,) (mean per sample), token counts, and
         ``choice_scores`` (B, OPTIONS): option-letter logits (rows without an answer: zeros)."""
         x = self.expand_inputs(batch)
         targets = x["labels"][:, 1:]
@@ -300,9 +308,11 @@ class StormModel(L.LightningModule):
                              head_mask=F.pad(keep, (0, 1)))
         token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="none")
         rows = keep.nonzero()[:, 0]
-        sample_loss = token_loss.new_zeros(len(keep)).index_add_(0, rows, token_loss.detach())
-        sample_loss /= keep.sum(1).clamp_min(1)
-        return {"loss": token_loss.mean(), "sample_loss": sample_loss,
+        counts = keep.sum(1).clamp_min(1)
+        sample_loss = token_loss.new_zeros(len(keep)).index_add_(0, rows, token_loss.detach()) / counts
+        power = {"token": 0.0, "square": 0.5, "sample": 1.0}[self.hparams.loss_weighting]
+        weight = counts[rows].float().pow(-power)
+        return {"loss": (token_loss * weight).sum() / weight.sum(), "sample_loss": sample_loss,
                 "llm_tokens": int(x["attention_mask"].sum()), "label_tokens": int(keep.sum()),
                 "choice_scores": self._choice_scores(logits, keep)}
 

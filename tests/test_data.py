@@ -14,7 +14,7 @@ from storm_lightning.data import ShardSource, StormDataModule
 from storm_lightning.data.datamodule import SampleProcessor, ShardStream, collate
 from storm_lightning.data.media import decode_image, decode_video, uniform_indices
 from storm_lightning.data.synth import encode_mp4, synthesize
-from storm_lightning.tokenizer import IGNORE_INDEX, encode_conversation, load_tokenizer
+from storm_lightning.tokenizer import IGNORE_INDEX, encode_conversation, encode_prompt, load_tokenizer
 from tests.conftest import SHARDS, TOKENIZER
 
 
@@ -69,6 +69,9 @@ def test_chat_template_trains_on_assistant_tokens_only():
     assert trained == "3.<|im_end|>4.<|im_end|>"
     with pytest.raises(ValueError, match="no assistant turn"):
         encode_conversation(tok, turns[:1], max_length=1000)
+    # the bundled tokenizer was trained with the role names the template writes before every turn
+    header = tok.convert_ids_to_tokens(encode_prompt(tok, turns[:1])[-2:])
+    assert header == ["assistant", "Ċ"]
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path):
@@ -143,7 +146,10 @@ def test_bundled_shards_have_temporal_multiple_choice_questions():
     with tarfile.open(SHARDS / "eval/video32-000000.tar") as tar:
         metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
     assert {m["category"] for m in metas} == {"direction", "order", "flash", "count"}
-    assert all(len(m["options"]) == 4 and 0 <= m["answer"] < 4 for m in metas)
+    assert all(0 <= m["answer"] < len(m["options"]) for m in metas)
+    by_category = {m["category"]: m["options"] for m in metas}  # one fixed option list per category
+    assert all(m["options"] == by_category[m["category"]] for m in metas)
+    assert len(by_category["direction"]) == len(by_category["count"]) == 4 and len(by_category["flash"]) == 8
 
 
 def test_validation_interleaves_sources(tmp_path):

@@ -86,7 +86,29 @@ def test_loss_falls_on_a_fixed_batch():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_loss_weighting_averages_tokens_samples_or_square_roots():
+    model = tiny()
+    batch = make_batch(model, frames=(4, 1, 0))
+    # sample 0 keeps only its last two targets (like a letter + <|im_end|>), the others keep all of theirs
+    answer = (batch["labels"][0] != IGNORE_INDEX).nonzero().flatten()
+    batch["labels"][0, answer[:-2]] = IGNORE_INDEX
+    counts = (batch["labels"] != IGNORE_INDEX).sum(1).float()
+    assert counts[0] == 2 and counts[1] > 5
+    losses = {}
+    with torch.no_grad():
+        for weighting in ("token", "sample", "square"):
+            model.hparams.loss_weighting = weighting
+            out = model(batch)
+            losses[weighting] = out["loss"]
+    per_sample = out["sample_loss"]
+    for weighting, weight in (("token", counts), ("sample", torch.ones(3)), ("square", counts.sqrt())):
+        expected = (per_sample * weight).sum() / weight.sum()
+        torch.testing.assert_close(losses[weighting], expected, msg=weighting)
+    assert len({round(float(v), 5) for v in losses.values()}) == 3
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(loss_weighting="mean"), r"model.loss_weighting: expected token, sample or square, got 'mean'"),
     (dict(proj_out=24), r"model.projector.init_args.output_dim=24 must equal the LLM hidden size 32"),
     (dict(vision_dim=24), r"model.downsampler.init_args.input_dim=16 must equal the vision width 24"),
     (dict(compressors=[SpatialAveragePool(4)]),

@@ -8,11 +8,13 @@ Sources (``{split}/{source}-{shard:06d}.tar``):
 - ``text``: arithmetic and successor questions, no media.
 - ``image``: one coloured shape; caption, colour and shape questions.
 - ``video32`` / ``video128``: 32- / 128-frame clips (8 fps) with multiple-choice questions that need
-  time: ``direction`` (which way a shape moves), ``order`` (which of four shapes appears first),
-  ``flash`` (colour of a one-frame full-screen flash), ``count`` (how many times a shape appears).
-  Part of the training clips carry a caption instead of a question.
+  time: ``direction`` (which way a shape moves), ``order`` (the colour of the first of four shapes to
+  appear), ``flash`` (colour of a one-frame full-screen flash), ``count`` (how many times a shape
+  appears). Part of the training clips carry a caption instead of a question.
 
 Multiple-choice samples store ``options``, ``answer`` (index) and ``category`` next to the conversation.
+Options come in a fixed order per category: the four directions, counts 1-4, four shapes, or all eight
+colours (chance 25 % or 12.5 %).
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
+from storm_lightning.tokenizer import ROLES
+
 COLORS = {
     "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
     "magenta": (220, 50, 220), "cyan": (40, 220, 230), "white": (245, 245, 245), "orange": (250, 140, 20),
 }
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
-LETTERS = "ABCD"
+LETTERS = "ABCDEFGH"
 BACKGROUND = (25, 25, 25)
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 
@@ -66,9 +70,9 @@ def _pick(rng: np.random.Generator, items, k: int | None = None):
     return [items[i] for i in rng.choice(len(items), size=k, replace=False)]
 
 
-def _mc_sample(rng, question: str, options: list[str], correct: str, category: str, tag: str) -> dict:
-    order = rng.permutation(len(options))
-    options = [options[i] for i in order]
+def _mc_sample(question: str, options: list[str], correct: str, category: str, tag: str) -> dict:
+    """Options come in a fixed order per category, so the letter names the answer (a 2-layer LLM does
+    not learn to look an answer up among shuffled options in a few thousand examples)."""
     answer = options.index(correct)
     return {
         "conversations": [
@@ -105,7 +109,7 @@ def video_direction(rng, frames: int, size: int):
 
 
 def video_order(rng, frames: int, size: int):
-    colors, shapes = _pick(rng, COLORS, 4), [_pick(rng, SHAPES) for _ in range(4)]
+    colors, shapes = _pick(rng, COLORS, 4), [_pick(rng, SHAPES) for _ in range(4)]  # 4 distinct colours
     names = [f"the {c} {s}" for c, s in zip(colors, shapes)]
     starts = np.sort(rng.choice(np.arange(0, int(frames * 0.8)), size=4, replace=False))
     cells = [(0.27, 0.27), (0.27, 0.73), (0.73, 0.27), (0.73, 0.73)]
@@ -117,7 +121,8 @@ def video_order(rng, frames: int, size: int):
             if t >= starts[i]:
                 _draw(frame, shapes[i], COLORS[colors[i]], spots[i][0] * size, spots[i][1] * size, size / 9)
         clip.append(frame)
-    return clip, dict(question="Which shape appears first?", options=names, correct=names[0], category="order",
+    return clip, dict(question="Which colour is the shape that appears first?", options=list(COLORS),
+                      correct=colors[0], category="order",
                       caption=f"{names[0]} appears, then {names[1]}, then {names[2]}, then {names[3]}.")
 
 
@@ -132,7 +137,7 @@ def video_flash(rng, frames: int, size: int):
             frame[:] = COLORS[colors[0]]
         _draw(frame, shape, (128, 128, 128), size / 2, size / 2, size / 6)
         clip.append(frame)
-    return clip, dict(question="What colour is the flash?", options=colors, correct=colors[0], category="flash",
+    return clip, dict(question="What colour is the flash?", options=list(COLORS), correct=colors[0], category="flash",
                       caption=f"a grey {shape} stays still and the screen flashes {colors[0]} once.")
 
 
@@ -184,7 +189,7 @@ def video_sample(rng, frames: int, size: int, caption_prob: float) -> tuple[dict
     if rng.random() < caption_prob:
         meta = _caption_sample("<video>", "Describe what happens in the video.", task["caption"])
     else:
-        meta = _mc_sample(rng, task["question"], task["options"], task["correct"], task["category"], "<video>")
+        meta = _mc_sample(task["question"], task["options"], task["correct"], task["category"], "<video>")
     return meta, {"mp4": encode_mp4(clip)}
 
 
@@ -205,11 +210,9 @@ def image_sample(rng, size: int, caption_prob: float) -> tuple[dict, dict]:
     if roll < caption_prob:
         meta = _caption_sample("<image>", "Describe the image.", f"a {color} {shape} in the {vert} {horiz}.")
     elif roll < (1 + caption_prob) / 2:
-        options = [color] + [c for c in _pick(rng, COLORS, 4) if c != color][:3]
-        meta = _mc_sample(rng, f"What colour is the {shape}?", options, color, "image_color", "<image>")
+        meta = _mc_sample(f"What colour is the {shape}?", list(COLORS), color, "image_color", "<image>")
     else:
-        options = list(SHAPES) + ["star"]
-        meta = _mc_sample(rng, "What shape is in the image?", options, shape, "image_shape", "<image>")
+        meta = _mc_sample("What shape is in the image?", list(SHAPES) + ["star"], shape, "image_shape", "<image>")
     return meta, {"png": buf.getvalue()}
 
 
@@ -241,7 +244,8 @@ def write_shards(out: Path, prefix: str, samples, count: int, per_shard: int) ->
                 _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
                 for ext, data in media.items():
                     _add(tar, f"{key}.{ext}", data)
-                texts.extend(turn["value"] for turn in meta["conversations"])
+                # with the role names, which the chat template puts before every turn
+                texts.extend(f"{ROLES[turn['from']]}\n{turn['value']}" for turn in meta["conversations"])
     return texts
 
 
