@@ -60,14 +60,16 @@ def main() -> None:
     parser.add_argument("--config", action="append", required=True, help="the training config(s)")
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--out", default=None, help="JSON with the table and counts")
-    parser.add_argument("--workdir", default="runs/eval_compression")
+    parser.add_argument("--workdir", default=None,
+                        help="where each variant's test run goes (default: eval_compression/ beside the run's checkpoints/)")
     args = parser.parse_args()
     config = [a for c in args.config for a in ("--config", c)]
+    workdir = Path(args.workdir) if args.workdir else Path(args.ckpt).resolve().parent.parent / "eval_compression"
 
     rows = {}
     for name, compressors, sources, frames, tokens in VARIANTS:
         start = time.perf_counter()
-        preds = run_variant(config, args.ckpt, name, compressors, sources, Path(args.workdir))
+        preds = run_variant(config, args.ckpt, name, compressors, sources, workdir)
         right, total = defaultdict(int), defaultdict(int)
         for p in preds:
             right[p["category"]] += p["correct"]
