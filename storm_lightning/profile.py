@@ -79,6 +79,11 @@ def profile_once(model, timer: StageTimer, frames: int, decode_tokens: int) -> d
             attention = torch.cat([attention, attention.new_ones(1, 1)], dim=1)
             out = model.llm.model(input_ids=token, attention_mask=attention, past_key_values=past, use_cache=True)
             token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
+    # transformers announces `past_key_values=` will become `cache=` (5.40); a cache that stopped being
+    # read would time a decode without it, so check that it grew by one entry per token
+    if hasattr(past, "get_seq_length") and past.get_seq_length() != attention.shape[1]:
+        raise RuntimeError(f"the KV cache holds {past.get_seq_length()} positions after decoding, expected "
+                           f"{attention.shape[1]}: this transformers version no longer reads `past_key_values`")
     times = dict(timer.times)
     times["projector"] = times.pop("downsampler", 0.0) + times.get("projector", 0.0)
     times.setdefault("compression", 0.0)
