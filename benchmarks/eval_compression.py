@@ -24,18 +24,18 @@ C = "storm_lightning.compressors."
 VIDEO32 = '[{name: video32, shards: "data_shards/eval/video32-000000.tar", frames_per_clip: 32}]'
 VIDEO128 = '[{name: video128, shards: "data_shards/eval/video128-000000.tar", frames_per_clip: 128}]'
 IMAGE = '[{name: image, shards: "data_shards/eval/image-000000.tar"}]'
-TOKENS_PER_FRAME = 16  # the tiny configs: 4x4 tokens per frame
+N = 16  # visual tokens per frame in the tiny configs (4x4)
 
 # name, compressor chain, validation sources, frames per clip, visual tokens per clip
 VARIANTS = [
-    ("none", "[]", VIDEO32, 32, 32 * 16),
-    ("T-pool 4", f"[{{class_path: {C}TemporalAveragePool, init_args: {{kernel_size: 4}}}}]", VIDEO32, 32, 8 * 16),
-    ("T-sample 2", f"[{{class_path: {C}TemporalSample, init_args: {{stride: 2}}}}]", VIDEO32, 32, 16 * 16),
-    ("T-sample 4", f"[{{class_path: {C}TemporalSample, init_args: {{stride: 4}}}}]", VIDEO32, 32, 8 * 16),
-    ("S-pool 2", f"[{{class_path: {C}SpatialAveragePool, init_args: {{kernel_size: 2}}}}]", VIDEO32, 32, 32 * 4),
+    ("none", "[]", VIDEO32, 32, 32 * N),
+    ("T-pool 4", f"[{{class_path: {C}TemporalAveragePool, init_args: {{kernel_size: 4}}}}]", VIDEO32, 32, 8 * N),
+    ("T-sample 2", f"[{{class_path: {C}TemporalSample, init_args: {{stride: 2}}}}]", VIDEO32, 32, 16 * N),
+    ("T-sample 4", f"[{{class_path: {C}TemporalSample, init_args: {{stride: 4}}}}]", VIDEO32, 32, 8 * N),
+    ("S-pool 2", f"[{{class_path: {C}SpatialAveragePool, init_args: {{kernel_size: 2}}}}]", VIDEO32, 32, 32 * N // 4),
     ("128 frames, T-sample 4", f"[{{class_path: {C}TemporalSample, init_args: {{stride: 4}}}}]", VIDEO128, 128,
-     32 * 16),
-    ("images, none", "[]", IMAGE, 1, 16),
+     32 * N),
+    ("images, none", "[]", IMAGE, 1, N),
 ]
 CATEGORIES = ["direction", "order", "flash", "count", "image_color", "image_shape"]
 # image_shape lists four shapes but "star" is never the answer: one fixed letter scores a third

@@ -32,11 +32,12 @@ from storm_lightning.compressors import Compressor, TemporalAveragePool, chain_o
 from storm_lightning.downsamplers import Downsampler
 from storm_lightning.llm import CausalLM
 from storm_lightning.projectors import Projector
-from storm_lightning.tokenizer import IGNORE_INDEX, load_tokenizer, media_token_ids
+from storm_lightning.tokenizer import IGNORE_INDEX, OPTION_LETTERS, load_tokenizer, media_token_ids
 from storm_lightning.vision import VisionBackbone
 
 log = logging.getLogger(__name__)
-OPTION_LETTERS = "ABCDEFGH"
+# model.loss_weighting -> p: a sample with n target tokens weighs each of them n^-p
+LOSS_WEIGHT_POWER = {"token": 0.0, "square": 0.5, "sample": 1.0}
 
 
 def clip_bucket(frames: int) -> str:
@@ -105,7 +106,7 @@ class StormModel(L.LightningModule):
         self.save_hyperparameters(ignore=["vision", "downsampler", "projector", "llm", "compressors"])
         self.vision, self.downsampler, self.projector, self.llm = vision, downsampler, projector, llm
         self.compressors = nn.ModuleList(compressors or [])
-        _require(loss_weighting in ("token", "sample", "square"),
+        _require(loss_weighting in LOSS_WEIGHT_POWER,
                  f"model.loss_weighting: expected token, sample or square, got {loss_weighting!r}")
         self._check_sizes()
 
@@ -298,8 +299,9 @@ class StormModel(L.LightningModule):
         return embeds, x["attention_mask"], x["labels"]
 
     def forward(self, batch: dict) -> dict:
-        """loss (over assistant tokens, weighted as ``loss_weighting`` says), sample_loss (B,) (mean per sample), token counts, and
-        ``choice_scores`` (B, OPTIONS): option-letter logits (rows without an answer: zeros)."""
+        """loss (over assistant tokens, weighted as ``loss_weighting`` says), sample_loss (B,) (mean per
+        sample), token counts, and ``choice_scores`` (B, OPTIONS): option-letter logits (rows without an
+        answer: zeros)."""
         x = self.expand_inputs(batch)
         targets = x["labels"][:, 1:]
         keep = targets != IGNORE_INDEX  # the LM head runs only where there is something to predict
@@ -310,8 +312,7 @@ class StormModel(L.LightningModule):
         rows = keep.nonzero()[:, 0]
         counts = keep.sum(1).clamp_min(1)
         sample_loss = token_loss.new_zeros(len(keep)).index_add_(0, rows, token_loss.detach()) / counts
-        power = {"token": 0.0, "square": 0.5, "sample": 1.0}[self.hparams.loss_weighting]
-        weight = counts[rows].float().pow(-power)
+        weight = counts[rows].float().pow(-LOSS_WEIGHT_POWER[self.hparams.loss_weighting])
         return {"loss": (token_loss * weight).sum() / weight.sum(), "sample_loss": sample_loss,
                 "llm_tokens": int(x["attention_mask"].sum()), "label_tokens": int(keep.sum()),
                 "choice_scores": self._choice_scores(logits, keep)}

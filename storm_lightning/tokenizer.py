@@ -22,6 +22,7 @@ IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, IMAGE_TOKEN, VIDEO_TOKEN]
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IGNORE_INDEX = -100
+OPTION_LETTERS = "ABCDEFGH"  # multiple-choice answers: the letter of the option, at most eight
 
 
 def load_tokenizer(path: str, key: str = "data.tokenizer_path"):

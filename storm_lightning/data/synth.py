@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storm_lightning.tokenizer import ROLES
+from storm_lightning.tokenizer import OPTION_LETTERS, ROLES
 
 COLORS = {
     "red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
@@ -34,13 +34,12 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
-LETTERS = "ABCDEFGH"
 BACKGROUND = (25, 25, 25)
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
 def multiple_choice_prompt(question: str, options: list[str]) -> str:
-    lines = [question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)] + [MC_SUFFIX]
+    lines = [question] + [f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options)] + [MC_SUFFIX]
     return "\n".join(lines)
 
 
@@ -77,7 +76,7 @@ def _mc_sample(question: str, options: list[str], correct: str, category: str, t
     return {
         "conversations": [
             {"from": "human", "value": f"{tag}\n{multiple_choice_prompt(question, options)}"},
-            {"from": "gpt", "value": LETTERS[answer]},
+            {"from": "gpt", "value": OPTION_LETTERS[answer]},
         ],
         "options": options, "answer": int(answer), "category": category,
     }
