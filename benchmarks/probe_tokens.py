@@ -47,17 +47,20 @@ def features(model, specs: list[str], frames: int, tokenizer_path: str, limit: i
     stream = ShardStream(sources, [s.shard_paths(s.name) for s in sources],
                          SampleProcessor(tokenizer_path, model.vision.image_size, 4096), infinite=False)
     rows: dict[str, dict] = defaultdict(lambda: {"labels": [], **{s: [] for s in STAGES}})
+    tower: list = []  # the vision tower's output, caught during encode_media's own call
+    hook = model.vision.register_forward_hook(lambda module, args, out: tower.append(out))
     for sample in stream:
         category = sample.get("category")
         if category is None or len(rows[category]["labels"]) >= limit:
             continue
         pixels = sample["pixel_values"]
-        x = (pixels.float() / 255.0 - model.pixel_mean) / model.pixel_std
-        rows[category]["vision"].append(model.vision(x).mean((0, 1)))
+        tower.clear()
         visual, _ = model.encode_media(pixels, torch.tensor([len(pixels)]))
+        rows[category]["vision"].append(tower[0].mean((0, 1)))
         rows[category]["llm_input"].append(visual[0].mean(0))
         rows[category]["labels"].append(sample["answer"])
         rows[category]["options"] = len(sample["options"])
+    hook.remove()
     return {c: {"labels": torch.tensor(r["labels"]), "options": r["options"],
                 **{s: torch.stack(r[s]) for s in STAGES}} for c, r in rows.items()}
 
