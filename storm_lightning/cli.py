@@ -6,12 +6,15 @@ import argparse
 import os
 import sys
 
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 from storm_lightning.checkpoint import AtomicCheckpointIO
 from storm_lightning.data import StormDataModule
 from storm_lightning.errors import ConfigError
+from storm_lightning.host_memory import keep_freed_memory
 from storm_lightning.model import StormModel
 
 
@@ -40,6 +43,9 @@ class StormCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make saves atomic
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if isinstance(trainer.accelerator, CPUAccelerator) and keep_freed_memory():  # see host_memory
+            rank_zero_info("Host memory: freed blocks are kept for reuse, not returned to the OS "
+                           "(faster CPU steps; STORM_KEEP_FREED_MEMORY=0 turns this off)")
         return trainer
 
 
