@@ -56,7 +56,7 @@ def measure(config: str, steps: int, sources: list[str] | None) -> dict:
     r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     return {"kept": kept, "wall_s": (t1 - t0) / steps, "user_s": (r1.ru_utime - r0.ru_utime) / steps,
             "sys_s": (r1.ru_stime - r0.ru_stime) / steps, "page_faults": (r1.ru_minflt - r0.ru_minflt) // steps,
-            "peak_rss_gib": r1.ru_maxrss / 2**20, "torch_threads": torch.get_num_threads(),
+            "peak_rss_gib": r1.ru_maxrss / 2**20,
             "batch": f"{data.batch_size} samples from {mix}"}
 
 

@@ -1,12 +1,14 @@
 """host_memory.keep_freed_memory: after it, a large tensor allocated and freed every step stops costing
 page faults (the CPU training speed-up); before it, every allocation faults its pages in again."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+PAGES = 16 * 2**20 * 4 // 4096  # 4 KiB pages of one 64 MiB temporary
 
 PROGRAM = """
 import resource, sys, torch
@@ -26,23 +28,20 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(mode: str, **env) -> tuple[str, int]:
-    import os
-
     out = subprocess.run([sys.executable, "-c", PROGRAM, mode], check=True, capture_output=True, text=True,
                          env={**os.environ, **env}).stdout.split()
     return out[0], int(out[1])
 
 
 def test_freed_blocks_are_reused_without_page_faults():
-    pages = 16 * 2**20 * 4 // 4096
     applied, kept = _faults("keep")
     if applied != "True":
         pytest.skip("not glibc: mallopt unavailable")
     _, default = _faults("default")
-    assert default > 5 * pages  # glibc's default: both temporaries come back from the OS every step
-    assert kept < pages // 10
+    assert default > 5 * PAGES  # glibc's default: both temporaries come back from the OS every step
+    assert kept < PAGES // 10
 
 
 def test_opt_out_keeps_glibc_defaults():
     applied, faults = _faults("keep", STORM_KEEP_FREED_MEMORY="0")
-    assert applied == "False" and faults > 5 * 16 * 2**20 * 4 // 4096
+    assert applied == "False" and faults > 5 * PAGES
