@@ -21,7 +21,7 @@ def step():  # two 64 MiB temporaries, freed at once, as activations are
 for _ in range(10):  # warm up: the heap grows to the workload's peak once
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+for _ in range(20):
     step()
 print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -38,10 +38,11 @@ def test_freed_blocks_are_reused_without_page_faults():
     if applied != "True":
         pytest.skip("not glibc: mallopt unavailable")
     _, default = _faults("default")
-    assert default > 5 * PAGES  # glibc's default: both temporaries come back from the OS every step
-    assert kept < PAGES // 10
+    assert default > 20 * PAGES  # glibc's default: both temporaries come back from the OS every step
+    # kept: reused (one temporary faulting in once more, seen 1 run in ~15, is still 40x fewer)
+    assert kept < 2 * PAGES
 
 
 def test_opt_out_keeps_glibc_defaults():
     applied, faults = _faults("keep", STORM_KEEP_FREED_MEMORY="0")
-    assert applied == "False" and faults > 5 * PAGES
+    assert applied == "False" and faults > 20 * PAGES
