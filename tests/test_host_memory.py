@@ -39,7 +39,7 @@ def test_freed_blocks_are_reused_without_page_faults():
         pytest.skip("not glibc: mallopt unavailable")
     _, default = _faults("default")
     assert default > 20 * PAGES  # glibc's default: both temporaries come back from the OS every step
-    # kept: reused (one temporary faulting in once more, seen 1 run in ~15, is still 40x fewer)
+    # kept: reused (one temporary faulting in once more, seen once in about 20 runs, is still 20x fewer)
     assert kept < 2 * PAGES
 
 
