@@ -6,7 +6,7 @@ and tars are written with fixed metadata, so the same seed gives byte-identical 
 Sources (``{split}/{source}-{shard:06d}.tar``):
 
 - ``text``: arithmetic and successor questions, no media.
-- ``image``: one coloured shape; caption, colour and shape questions.
+- ``image``: one coloured shape in one quadrant; caption, colour and shape questions.
 - ``video32`` / ``video128``: 32- / 128-frame clips (8 fps) with multiple-choice questions that need
   time: ``direction`` (which way a shape moves), ``order`` (the colour of the first of four shapes to
   appear), ``flash`` (colour of a one-frame full-screen flash), ``count`` (how many times a shape
@@ -34,6 +34,7 @@ COLORS = {
 }
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # where image_frame puts the shape
 BACKGROUND = (25, 25, 25)
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 
@@ -196,9 +197,8 @@ def video_sample(rng, frames: int, size: int, caption_prob: float) -> tuple[dict
 
 # ---- images and text ------------------------------------------------------------------------------------
 
-def image_sample(rng, size: int, caption_prob: float) -> tuple[dict, dict]:
-    from PIL import Image
-
+def image_frame(rng, size: int) -> tuple[np.ndarray, str, str, str]:
+    """One coloured shape in one quadrant: (frame (size, size, 3) uint8, colour, shape, quadrant)."""
     color, shape = _pick(rng, COLORS), _pick(rng, SHAPES)
     vert, horiz = _pick(rng, ("top", "bottom")), _pick(rng, ("left", "right"))
     frame = _blank(size)
@@ -207,11 +207,18 @@ def image_sample(rng, size: int, caption_prob: float) -> tuple[dict, dict]:
     cy = size * (0.3 if vert == "top" else 0.7) + rng.uniform(-2, 2)
     cx = size * (0.3 if horiz == "left" else 0.7) + rng.uniform(-2, 2)
     _draw(frame, shape, COLORS[color], cy, cx, size / 4)
+    return frame, color, shape, f"{vert} {horiz}"
+
+
+def image_sample(rng, size: int, caption_prob: float) -> tuple[dict, dict]:
+    from PIL import Image
+
+    frame, color, shape, quadrant = image_frame(rng, size)
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, format="PNG", optimize=True)
     roll = rng.random()
     if roll < caption_prob:
-        meta = _caption_sample("<image>", "Describe the image.", f"a {color} {shape} in the {vert} {horiz}.")
+        meta = _caption_sample("<image>", "Describe the image.", f"a {color} {shape} in the {quadrant}.")
     elif roll < (1 + caption_prob) / 2:
         meta = _mc_sample(f"What colour is the {shape}?", list(COLORS), color, "image_color", "<image>")
     else:
