@@ -3,7 +3,7 @@
 A storm-fit run mixes every task and takes minutes per try; this trains the model section of a config
 on only the video tasks named (fresh clips from ``storm_lightning.data.synth`` every step, no mp4
 round trip), optionally with ``--images N`` image questions per step on where the shape is
-(``image_position``), and prints held-out accuracy per category every ``--eval-every`` steps, with how
+(``image_position``; ``--images-first K``: K steps of those alone before any clip), and prints held-out accuracy per category every ``--eval-every`` steps, with how
 many different letters the model answered (``1l``: one letter for everything, the plateau).
 
     python benchmarks/task_learnability.py --config conf/sft.yaml --tasks direction --steps 300
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["direction"], choices=list(VIDEO_TASKS))
     parser.add_argument("--images", type=int, default=0, help="image_position questions per step")
     parser.add_argument("--batch", type=int, default=8, help="clips per step")
+    parser.add_argument("--images-first", type=int, default=0,
+                        help="this many steps of image_position questions alone (no clips) before the mix")
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
@@ -83,6 +85,8 @@ def main() -> None:
     parser.add_argument("--eval-clips", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.images_first and not args.images:
+        parser.error("--images-first needs --images N > 0: its steps have no clips")
 
     keep_freed_memory()
     torch.manual_seed(args.seed)
@@ -106,7 +110,8 @@ def main() -> None:
         factor = (step + 1) / args.warmup if step < args.warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
         for group, lr in zip(groups, peak):
             group["lr"] = lr * factor
-        batch = [clip_sample(rng, tokenizer, args.tasks, args.frames, size) for _ in range(args.batch)]
+        clips = 0 if step < args.images_first else args.batch
+        batch = [clip_sample(rng, tokenizer, args.tasks, args.frames, size) for _ in range(clips)]
         batch += [position_sample(rng, tokenizer, size) for _ in range(args.images)]
         loss = model(collate(batch, tokenizer.pad_token_id))["loss"]
         optimizer.zero_grad()

@@ -44,7 +44,8 @@ def test_position_question_answers_the_quadrant_the_shape_is_in(seed):
 def test_learnability_run_prints_held_out_accuracy_per_category(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["task_learnability.py", "--config", str(ROOT / "conf/sft.yaml"),
                                       "--tasks", "direction", "count", "--images", "1", "--batch", "2",
-                                      "--frames", "4", "--steps", "2", "--eval-every", "1", "--eval-clips", "6"])
+                                      "--frames", "4", "--steps", "2", "--eval-every", "1", "--eval-clips", "6",
+                                      "--images-first", "1"])
     task_learnability.main()
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[1] for line in lines] == ["1", "2"]
