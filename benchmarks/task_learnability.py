@@ -9,14 +9,13 @@ many different letters the model answered (``1l``: one letter for everything, th
     python benchmarks/task_learnability.py --config conf/sft.yaml --tasks direction --steps 300
     python benchmarks/task_learnability.py --config conf/sft.yaml --tasks direction --images 8 --steps 300
 
-Optimiser as ``storm-fit``'s: AdamW per component at the config's learning rates, warmup then cosine,
-gradient clipping 1.0; one sample per clip, the answer letter only.
+Optimiser as ``storm-fit``'s (``StormModel.configure_optimizers`` over ``--steps``), gradient clipping
+1.0; one sample per clip, the answer letter only.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -80,7 +79,6 @@ def main() -> None:
                         help="this many steps of image_position questions alone (no clips) before the mix")
     parser.add_argument("--frames", type=int, default=32)
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-clips", type=int, default=160)
     parser.add_argument("--seed", type=int, default=0)
@@ -97,19 +95,12 @@ def main() -> None:
     evalset = [clip_sample(held_out, tokenizer, args.tasks, args.frames, size) for _ in range(args.eval_clips)]
     evalset += [position_sample(held_out, tokenizer, size) for _ in range(64 if args.images else 0)]
 
-    hp = model.hparams
-    groups = [{"params": [p for m in modules for p in m.parameters()], "lr": lr}
-              for modules, lr in (([model.vision], hp.lr_vision), ([model.downsampler, model.projector], hp.lr_projector),
-                                  ([model.llm], hp.lr_llm))]
-    optimizer = torch.optim.AdamW(groups, betas=tuple(hp.betas), weight_decay=0.0)
-    peak = [g["lr"] for g in groups]
+    model.hparams.schedule_steps = args.steps  # no Trainer to count the steps
+    optimization = model.configure_optimizers()  # storm-fit's groups, AdamW and warmup + cosine schedule
+    optimizer, schedule = optimization["optimizer"], optimization["lr_scheduler"]["scheduler"]
     rng = np.random.default_rng([args.seed, 0])
     start, losses = time.perf_counter(), []
     for step in range(args.steps):
-        progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-        factor = (step + 1) / args.warmup if step < args.warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-        for group, lr in zip(groups, peak):
-            group["lr"] = lr * factor
         clips = 0 if step < args.images_first else args.batch
         batch = [clip_sample(rng, tokenizer, args.tasks, args.frames, size) for _ in range(clips)]
         batch += [position_sample(rng, tokenizer, size) for _ in range(args.images)]
@@ -118,6 +109,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             print(f"step {step + 1} loss {np.mean(losses[-args.eval_every:]):.3f} "

@@ -49,10 +49,15 @@ def clips(task: str, n: int, frames: int, size: int, seed: int) -> list[torch.Te
 
 
 def projector_io(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (T, 3, S, S) -> the projector's input and output, each (1, T, N, D)."""
-    x = (pixels.float() / 255.0 - model.pixel_mean) / model.pixel_std
-    tokens = model.downsampler(model.vision(x), model.vision.grid).unsqueeze(0)
-    return tokens, model.projector(tokens)
+    """uint8 (T, 3, S, S) -> the projector's input and output, each (1, T, N, D), caught during the
+    model's own ``encode_media``."""
+    caught = []
+    hook = model.projector.register_forward_hook(lambda module, args, out: caught.append((args[0], out)))
+    try:
+        model.encode_media(pixels, torch.tensor([len(pixels)]))
+    finally:
+        hook.remove()
+    return caught[0]
 
 
 def measure(model, videos: list[torch.Tensor]) -> dict[str, float]:

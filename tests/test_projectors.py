@@ -120,23 +120,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             torch.testing.assert_close(a.grad, b.grad, msg=name)
 
 
-def step_by_step_scan(u, delta, A, B, C, D, z=None, delta_bias=None, delta_softplus=True):
-    """The selective scan as its recurrence, one token at a time, for autograd to differentiate."""
-    delta = delta + delta_bias[:, None]
-    delta = torch.nn.functional.softplus(delta) if delta_softplus else delta
-    h = u.new_zeros(*u.shape[:2], A.shape[1])
-    ys = []
-    for t in range(u.shape[-1]):
-        h = torch.exp(delta[..., t, None] * A) * h + delta[..., t, None] * B[:, None, :, t] * u[..., t, None]
-        ys.append((h * C[:, None, :, t]).sum(-1))
-    return (torch.stack(ys, -1) + D[:, None] * u) * torch.nn.functional.silu(z)
-
-
 def test_bidirectional_mixer_gradients_match_the_recurrence(monkeypatch):
     """Every parameter's gradient, both scan directions (flip, per-direction conv/x_proj/dt_proj/A/D,
     shared in/out_proj), against autograd through the plain recurrence: the hand-written backward
     is only tested on the scan alone elsewhere."""
     import storm_lightning.projectors as projectors
+    from storm_lightning.ops import selective_scan_reference
 
     torch.manual_seed(0)
     mixer = slow_decay(BiMambaMixer(8, d_state=4, bidirectional=True, dt_min=0.1, dt_max=0.5, backend="torch"))
@@ -150,7 +139,7 @@ def test_bidirectional_mixer_gradients_match_the_recurrence(monkeypatch):
 
     ours = gradients()
     calls = []
-    monkeypatch.setattr(projectors, "selective_scan", lambda *a, **k: calls.append(1) or step_by_step_scan(*a, **k))
+    monkeypatch.setattr(projectors, "selective_scan", lambda *a, **k: calls.append(1) or selective_scan_reference(*a, **k))
     reference = gradients()
     assert len(calls) == 2  # one per direction: the reference really ran
     assert set(ours) == set(reference) and len(ours) == 16
