@@ -37,9 +37,10 @@ VARIANTS = [
      32 * N),
     ("images, none", "[]", IMAGE, 1, N),
 ]
-CATEGORIES = ["direction", "order", "flash", "count", "image_color", "image_shape"]
+CATEGORIES = ["direction", "order", "flash", "count", "image_color", "image_shape", "image_position"]
 # image_shape lists four shapes but "star" is never the answer: one fixed letter scores a third
-CHANCE = {"direction": 25.0, "order": 12.5, "flash": 12.5, "count": 25.0, "image_color": 12.5, "image_shape": 33.3}
+CHANCE = {"direction": 25.0, "order": 12.5, "flash": 12.5, "count": 25.0, "image_color": 12.5, "image_shape": 33.3,
+          "image_position": 25.0}
 
 
 def run_variant(config: list[str], ckpt: str, name: str, compressors: str, sources: str, workdir: Path) -> list[dict]:

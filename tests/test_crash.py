@@ -64,9 +64,14 @@ def test_sigkill_mid_run_then_resume(run_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume_matches_an_uninterrupted_run(run_dir, workers):
-    """Stopped at step 3 and resumed to 6 == 6 steps straight: weights, optimizer, schedule, data."""
+    """Stopped at step 3 and resumed to 6 == 6 steps straight: weights, optimizer, schedule, data (with
+    clips joining the mix at step 4, after the resume)."""
+    sources = ('[{name: image, shards: "data_shards/train/image-{000000..000003}.tar", weight: 0.6}, '
+               '{name: video32, shards: "data_shards/train/video32-{000000..000003}.tar", weight: 0.4, '
+               'frames_per_clip: 8, start_step: 4}]')
     args = ["--config", "conf/sft.yaml", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
-            f"--data.num_workers={workers}", "--model.schedule_steps=6", "--model.warmup_steps=2"]
+            f"--data.num_workers={workers}", "--model.schedule_steps=6", "--model.warmup_steps=2",
+            f"--data.train_sources={sources}"]
     storm_fit(*args, "--trainer.max_steps=6", "--trainer.callbacks.init_args.dirpath=runs/straight")
     storm_fit(*args, "--trainer.max_steps=3", "--trainer.callbacks.init_args.dirpath=runs/split")
     storm_fit(*args, "--trainer.max_steps=6", "--trainer.callbacks.init_args.dirpath=runs/split",

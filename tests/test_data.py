@@ -14,6 +14,7 @@ from storm_lightning.data import ShardSource, StormDataModule
 from storm_lightning.data.datamodule import SampleProcessor, ShardStream, collate
 from storm_lightning.data.media import decode_image, decode_video, uniform_indices
 from storm_lightning.data.synth import encode_mp4, synthesize
+from storm_lightning.errors import ConfigError
 from storm_lightning.tokenizer import IGNORE_INDEX, encode_conversation, encode_prompt, load_tokenizer
 from tests.conftest import SHARDS, TOKENIZER
 
@@ -181,3 +182,61 @@ def test_token_budget_batches_mix_clip_lengths_within_the_budget():
         sizes.append(len(frames))
         lengths.update(f for f in frames if f)
     assert lengths == {8, 32} and min(sizes) < max(sizes)  # clip lengths share the run; batch size varies
+
+
+def _text_and_image_module(tmp_path, start_step, workers, **kwargs):
+    text = write_tar(tmp_path / "text-000000.tar", {f"t{i:03d}": {"json": conv("hi", "yo.")} for i in range(40)})
+    image = write_tar(tmp_path / "image-000000.tar", {f"i{i:03d}": {"json": conv(), "png": png()} for i in range(40)})
+    return StormDataModule(
+        train_sources=[ShardSource("text", text, 1.0), ShardSource("image", image, 1.0, start_step=start_step)],
+        tokenizer_path=TOKENIZER, image_size=16, num_workers=workers, shuffle_buffer=0, **kwargs)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_source_joins_the_mix_at_its_start_step_and_resumes_on_the_same_batches(tmp_path, workers):
+    dm = _text_and_image_module(tmp_path, start_step=3, workers=workers, batch_size=4)
+    batches = [b["keys"] for b, _ in zip(dm.train_dataloader(), range(8))]
+    sources = [{key[0] for key in keys} for keys in batches]
+    assert sources[:3] == [{"t"}] * 3  # steps 0-2: text only, whichever worker made the batch
+    assert sum("i" in s for s in sources[3:]) >= 4  # then half the samples are images
+
+    resumed = _text_and_image_module(tmp_path, start_step=3, workers=workers, batch_size=4)
+    resumed.load_state_dict({"train_batches_taken": 2, "seed": 0})  # a checkpoint taken after step 1
+    assert [b["keys"] for b, _ in zip(resumed.train_dataloader(), range(6))] == batches[2:]
+
+
+def test_start_step_holds_within_one_sample_with_a_token_budget(tmp_path):
+    dm = _text_and_image_module(tmp_path, start_step=4, workers=0, token_budget=60)
+    dm.visual_tokens.update({1: 16})
+    batches = [b["keys"] for b, _ in zip(dm.train_dataloader(), range(10))]
+    before = [k for keys in batches[:4] for k in keys]
+    # the sample that overflows step 3's budget was drawn under step 3 and opens step 4
+    assert all(k[0] == "t" for k in before)
+    assert any(k[0] == "i" for keys in batches[4:6] for k in keys)
+
+
+def test_start_step_misconfiguration_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.train_sources\[1\] \('image'\): .*start_step >= 0"):
+        _text_and_image_module(tmp_path, start_step=-1, workers=0)
+    text = str(SHARDS / "train/text-000000.tar")
+    with pytest.raises(ConfigError, match="needs weight > 0 and start_step: 0"):
+        StormDataModule([ShardSource("text", text, start_step=5), ShardSource("img", text, weight=0.0)],
+                        tokenizer_path=TOKENIZER)
+
+
+def test_bundled_image_position_questions_answer_where_the_shape_is():
+    with tarfile.open(SHARDS / "eval/image-000000.tar") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        metas = {n[:-5]: json.load(tar.extractfile(m)) for n, m in members.items() if n.endswith(".json")}
+        checked = 0
+        for key, meta in metas.items():
+            if meta["category"] != "image_position":
+                continue
+            frame = np.asarray(Image.open(io.BytesIO(tar.extractfile(members[f"{key}.png"]).read())))
+            ys, xs = np.nonzero((np.abs(frame.astype(int) - 25).sum(-1) > 30))  # not the background
+            vert = "top" if ys.mean() < frame.shape[0] / 2 else "bottom"
+            horiz = "left" if xs.mean() < frame.shape[1] / 2 else "right"
+            assert meta["options"][meta["answer"]] == f"{vert} {horiz}", key
+            checked += 1
+    assert {m["category"] for m in metas.values()} == {"image_color", "image_shape", "image_position"}
+    assert checked > 40

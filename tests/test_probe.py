@@ -36,9 +36,10 @@ def test_features_groups_the_multiple_choice_samples_by_category():
     model, _ = build_model(str(ROOT / "conf/sft.yaml"))
     model.eval()
     rows = features(model, [f"image={ROOT}/data_shards/eval/image-000000.tar"], 32, TOKENIZER, limit=5)
-    assert set(rows) == {"image_color", "image_shape"}
+    assert set(rows) == {"image_color", "image_shape", "image_position"}
     for category, row in rows.items():
         assert row["labels"].shape == (5,)
         assert row["vision"].shape == (5, model.vision.hidden_size)
         assert row["llm_input"].shape == (5, model.llm.hidden_size)
-    assert rows["image_shape"]["options"] == 4 and rows["image_color"]["options"] == 8
+    assert rows["image_shape"]["options"] == rows["image_position"]["options"] == 4
+    assert rows["image_color"]["options"] == 8

@@ -52,12 +52,17 @@ log = logging.getLogger(__name__)
 @dataclass
 class ShardSource:
     """One source of shards. ``shards``: a brace pattern (``train/video32-{000000..000003}.tar``) or a
-    glob. ``frames_per_clip``: frames sampled uniformly over each video of this source."""
+    glob. ``frames_per_clip``: frames sampled uniformly over each video of this source.
+    ``start_step``: the training batch (per rank; the optimizer step without gradient accumulation) from
+    which this source joins the mix; before it, the other sources share the batches by their weights.
+    A curriculum in one run: e.g. images alone first, so that *where* things are is learnt before
+    clips ask which way they move (docs/results.md)."""
 
     name: str
     shards: str
     weight: float = 1.0
     frames_per_clip: int = 32
+    start_step: int = 0
 
     def shard_paths(self, key: str) -> list[str]:
         paths = [p for pattern in braceexpand(self.shards) for p in sorted(glob.glob(pattern))]
@@ -172,6 +177,7 @@ class ShardStream(IterableDataset):
         self.infinite, self.shuffle_buffer, self.seed = infinite, shuffle_buffer, seed
         self.max_skip_rate, self.skip_rate_after = max_skip_rate, skip_rate_after
         self.batches_taken = 0  # set when resuming: see _worker_role
+        self.step = 0  # the training batch being filled, set by the batcher: sources with start_step > step wait
         self.skipped: Counter = Counter()  # per reader process, not yet reported in a batch
         self.seen: Counter = Counter()  # per source, this reader, since the start
         self.bad: Counter = Counter()
@@ -254,9 +260,18 @@ class ShardStream(IterableDataset):
                 yield from (sample for sample in group if sample is not None)
             return
         rng = random.Random(f"{self.seed}-{reader}-mix")
-        weights = [s.weight for s in self.sources]
         while True:
+            # a waiting source gets weight 0 rather than leaving the list, so a mix without start_steps
+            # draws exactly as it always did
+            weights = [s.weight if s.start_step <= self.step else 0.0 for s in self.sources]
             yield next(streams[rng.choices(range(len(streams)), weights)[0]])
+
+
+def _batch_steps(skip: int):
+    """The training step of each batch this worker makes, in order: a DataLoader takes batches from its
+    workers in turn, so the worker playing role ``r`` of ``W`` makes steps r, r + W, r + 2W, ..."""
+    role, workers = _worker_role(skip)
+    return itertools.count(role, workers)
 
 
 def worker_share(batches: int) -> int:
@@ -278,10 +293,13 @@ class ResumableBatches(IterableDataset):
         samples.batches_taken = skip
 
     def _batches(self):
+        steps = _batch_steps(self.skip)
+        self.samples.step = next(steps)
         batch = []
         for sample in self.samples:
             batch.append(sample)
             if len(batch) == self.batch_size:
+                self.samples.step = next(steps)  # before the next batch's first sample is drawn
                 yield batch
                 batch = []
         if batch:
@@ -317,10 +335,15 @@ class TokenBudgetBatches(IterableDataset):
         return len(sample["input_ids"]) - (1 if frames else 0) + self.visual_tokens.get(frames, 0)
 
     def _batches(self):
+        # a batch is known to be full only when a sample does not fit: that sample, drawn under the
+        # previous step, opens the next batch (so a start_step holds give or take one sample)
+        steps = _batch_steps(self.skip)
+        self.samples.step = next(steps)
         batch, used = [], 0
         for sample in self.samples:
             cost = self.cost(sample)
             if batch and (used + cost > self.budget or len(batch) == self.max_samples):
+                self.samples.step = next(steps)
                 yield batch
                 batch, used = [], 0
             if cost > self.budget:
@@ -412,9 +435,14 @@ class StormDataModule(L.LightningDataModule):
         super().__init__()
         if not train_sources:
             raise ConfigError("data.train_sources: at least one source is required")
-        for i, src in enumerate(list(train_sources) + list(val_sources or [])):
-            if src.weight < 0 or src.frames_per_clip < 1:
-                raise ConfigError(f"data sources[{i}] ('{src.name}'): weight must be >= 0 and frames_per_clip >= 1")
+        for key, sources in (("train_sources", train_sources), ("val_sources", val_sources or [])):
+            for i, src in enumerate(sources):
+                if src.weight < 0 or src.frames_per_clip < 1 or src.start_step < 0:
+                    raise ConfigError(f"data.{key}[{i}] ('{src.name}'): weight must be >= 0, frames_per_clip >= 1 "
+                                      f"and start_step >= 0, got {src.weight}, {src.frames_per_clip}, {src.start_step}")
+        if not any(src.weight > 0 and src.start_step == 0 for src in train_sources):
+            raise ConfigError("data.train_sources: at least one source needs weight > 0 and start_step: 0, "
+                              "or the first batches have nothing to draw from")
         self.train_sources, self.val_sources = list(train_sources), list(val_sources or [])
         self.tokenizer_path, self.image_size = tokenizer_path, image_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
