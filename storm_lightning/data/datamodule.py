@@ -267,13 +267,6 @@ class ShardStream(IterableDataset):
             yield next(streams[rng.choices(range(len(streams)), weights)[0]])
 
 
-def _batch_steps(skip: int):
-    """The training step of each batch this worker makes, in order: a DataLoader takes batches from its
-    workers in turn, so the worker playing role ``r`` of ``W`` makes steps r, r + W, r + 2W, ..."""
-    role, workers = _worker_role(skip)
-    return itertools.count(role, workers)
-
-
 def worker_share(batches: int) -> int:
     """Of the first ``batches`` batches of the run, how many came from the worker whose role this
     worker plays (see ``_worker_role``)."""
@@ -281,40 +274,54 @@ def worker_share(batches: int) -> int:
     return max(0, -(-(batches - role) // workers))
 
 
-class ResumableBatches(IterableDataset):
-    """Batches of ``batch_size`` samples from a stream, starting after the first ``skip`` batches.
+class _Batches(IterableDataset):
+    """Batches of samples from a stream (``_batches``, one per subclass), starting after the first
+    ``skip`` batches of the run.
 
     Resuming replays the skipped batches and throws them away (decoding included), so the batches
-    that follow, and the samples skipped as bad, are exactly those of an uninterrupted run.
+    that follow, and the samples skipped as bad, are exactly those of an uninterrupted run. The stream
+    is told each batch's training step (for the sources' ``start_step``): a DataLoader takes batches
+    from its workers in turn, so the worker playing role ``r`` of ``W`` makes steps r, r + W, ...
     """
 
-    def __init__(self, samples: ShardStream, batch_size: int, pad_id: int, skip: int = 0) -> None:
-        self.samples, self.batch_size, self.pad_id, self.skip = samples, batch_size, pad_id, skip
+    def __init__(self, samples: ShardStream, pad_id: int, skip: int) -> None:
+        self.samples, self.pad_id, self.skip = samples, pad_id, skip
         samples.batches_taken = skip
 
     def _batches(self):
-        steps = _batch_steps(self.skip)
-        self.samples.step = next(steps)
+        raise NotImplementedError
+
+    def __iter__(self):
+        role, workers = _worker_role(self.skip)
+        replay = worker_share(self.skip)
+        self.samples.step = role
+        for taken, batch in enumerate(self._batches()):
+            # the next batch's first sample is drawn after this (with a token budget, the one sample
+            # that did not fit was drawn before: a start_step holds give or take that sample)
+            self.samples.step += workers
+            if taken >= replay:
+                yield collate(batch, self.pad_id)
+
+
+class ResumableBatches(_Batches):
+    """Batches of ``batch_size`` samples."""
+
+    def __init__(self, samples: ShardStream, batch_size: int, pad_id: int, skip: int = 0) -> None:
+        super().__init__(samples, pad_id, skip)
+        self.batch_size = batch_size
+
+    def _batches(self):
         batch = []
         for sample in self.samples:
             batch.append(sample)
             if len(batch) == self.batch_size:
-                self.samples.step = next(steps)  # before the next batch's first sample is drawn
                 yield batch
                 batch = []
         if batch:
             yield batch
 
-    def __iter__(self):
-        batches = self._batches()
-        for _ in range(worker_share(self.skip)):
-            if next(batches, None) is None:
-                return
-        for batch in batches:
-            yield collate(batch, self.pad_id)
 
-
-class TokenBudgetBatches(IterableDataset):
+class TokenBudgetBatches(_Batches):
     """Batches of whole samples packed up to ``budget`` LLM tokens (text + visual after compression).
 
     ``visual_tokens`` maps a sample's frame count (1 for an image) to its visual tokens after the
@@ -324,9 +331,8 @@ class TokenBudgetBatches(IterableDataset):
 
     def __init__(self, samples: ShardStream, budget: int, visual_tokens: dict[int, int], pad_id: int,
                  max_samples: int = 256, skip: int = 0) -> None:
-        self.samples, self.budget, self.visual_tokens = samples, budget, visual_tokens
-        self.pad_id, self.max_samples, self.skip = pad_id, max_samples, skip
-        samples.batches_taken = skip
+        super().__init__(samples, pad_id, skip)
+        self.budget, self.visual_tokens, self.max_samples = budget, visual_tokens, max_samples
 
     def cost(self, sample: dict) -> int:
         frames = 0 if sample["pixel_values"] is None else len(sample["pixel_values"])
@@ -335,15 +341,10 @@ class TokenBudgetBatches(IterableDataset):
         return len(sample["input_ids"]) - (1 if frames else 0) + self.visual_tokens.get(frames, 0)
 
     def _batches(self):
-        # a batch is known to be full only when a sample does not fit: that sample, drawn under the
-        # previous step, opens the next batch (so a start_step holds give or take one sample)
-        steps = _batch_steps(self.skip)
-        self.samples.step = next(steps)
         batch, used = [], 0
         for sample in self.samples:
             cost = self.cost(sample)
             if batch and (used + cost > self.budget or len(batch) == self.max_samples):
-                self.samples.step = next(steps)
                 yield batch
                 batch, used = [], 0
             if cost > self.budget:
@@ -353,14 +354,6 @@ class TokenBudgetBatches(IterableDataset):
             used += cost
         if batch:
             yield batch
-
-    def __iter__(self):
-        batches = self._batches()
-        for _ in range(worker_share(self.skip)):  # resume: replay and drop what was already trained on
-            if next(batches, None) is None:
-                return
-        for batch in batches:
-            yield collate(batch, self.pad_id)
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
