@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from pathlib import Path
 
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -13,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from storm_lightning.checkpoint import AtomicCheckpointIO
 from storm_lightning.data import StormDataModule
-from storm_lightning.errors import ConfigError
+from storm_lightning.errors import ConfigError, MissingPathError, one_line_errors
 from storm_lightning.host_memory import keep_freed_memory
 from storm_lightning.model import StormModel
 
@@ -23,6 +25,13 @@ def config_error(message: str) -> None:
     text = " ".join(line.strip() for line in str(message).strip().splitlines())
     sys.stderr.write(f"storm-fit: config error: {text}\n")
     sys.exit(2)
+
+
+# `storm-fit fit` writes the run's config.yaml; the other subcommands record theirs beside it under
+# another name, so that evaluating with other frames or compressors never changes what storm-chat,
+# storm-export and a resumed run read as the trained model's config
+def config_filename(subcommand: str) -> str:
+    return "config.yaml" if subcommand == "fit" else f"{subcommand}_config.yaml"
 
 
 class StormArgumentParser(LightningArgumentParser):
@@ -49,6 +58,21 @@ class StormCLI(LightningCLI):
         return trainer
 
 
+class Terminated(BaseException):
+    """SIGTERM: stop now, wherever the run is, data loading included. Lightning alone would stop only at
+    the next step boundary, which a stalled data loader never reaches. Checkpoint saves are atomic
+    (``AtomicCheckpointIO``), so stopping anywhere leaves no half-written file."""
+
+
+def _terminate(signum, frame) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked data worker: leave quietly, the main process stops the run
+        sys.exit(128 + signum)
+    raise Terminated(signum)
+
+
+_MAIN_PID = os.getpid()
+
+
 def fit_main(args: list[str] | None = None) -> None:
     """``storm-fit [fit|validate|test|predict] --config conf/sft.yaml [--key=value ...]``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
@@ -56,11 +80,19 @@ def fit_main(args: list[str] | None = None) -> None:
     if not argv or argv[0] not in ("fit", "validate", "test", "predict", "-h", "--help"):
         argv = ["fit", *argv]  # `storm-fit --config x.yaml` means fit
     sys.argv = [sys.argv[0], *argv]
+    subcommand = argv[0] if argv[0] in ("fit", "validate", "test", "predict") else "fit"
+    # a UserError is raised while building components, in StormModel.setup (before any data), or when
+    # a checkpoint is refused
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    signal.signal(signal.SIGTERM, _terminate)  # Lightning adds its own handler in front of it
     try:
-        StormCLI(StormModel, StormDataModule, parser_class=StormArgumentParser,
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
-    except ConfigError as exn:  # raised while building components or in StormModel.setup, before any data
-        config_error(str(exn))
+        with one_line_errors("storm-fit"):
+            StormCLI(StormModel, StormDataModule, parser_class=StormArgumentParser, auto_configure_optimizers=False,
+                     save_config_kwargs={"overwrite": True, "config_filename": config_filename(subcommand)})
+    except Terminated:
+        sys.stderr.write("storm-fit: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path\n")
+        sys.exit(128 + signal.SIGTERM)
 
 
 def shards_main(args: list[str] | None = None) -> None:
@@ -132,11 +164,22 @@ def chat_main(args: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     opts = parser.parse_args(args)
+    with one_line_errors("storm-chat"):
+        _chat(opts)
 
+
+def _chat(opts: argparse.Namespace) -> None:
     from storm_lightning.compressors import SpatialAveragePool, TemporalAveragePool, TemporalSample
     from storm_lightning.data.media import decode_image, decode_video
     from storm_lightning.inference import generate, load_model
 
+    for flag in ("frames", "temporal_pool", "spatial_pool", "temporal_sample", "max_new_tokens"):
+        value = getattr(opts, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    media = opts.video or opts.image
+    if media is not None and not Path(media).exists():
+        raise MissingPathError(f"--{'video' if opts.video else 'image'}: no such file '{media}'")
     chain = []
     if opts.temporal_pool:
         chain.append(TemporalAveragePool(opts.temporal_pool))
@@ -144,10 +187,7 @@ def chat_main(args: list[str] | None = None) -> None:
         chain.append(SpatialAveragePool(opts.spatial_pool))
     if opts.temporal_sample:
         chain.append(TemporalSample(opts.temporal_sample))
-    try:
-        model, _ = load_model(opts.checkpoint, opts.config, chain or None)  # None: the checkpoint's chain
-    except ConfigError as exn:
-        config_error(str(exn))
+    model, _ = load_model(opts.checkpoint, opts.config, chain or None)  # None: the checkpoint's chain
     size = model.vision.image_size
     pixels = None
     if opts.video:
@@ -171,8 +211,6 @@ def export_main(args: list[str] | None = None) -> None:
     opts = parser.parse_args(args)
     from storm_lightning.inference import export
 
-    try:
+    with one_line_errors("storm-export"):
         out = export(opts.checkpoint, opts.out, opts.config)
-    except ConfigError as exn:
-        config_error(str(exn))
     print(f"exported to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.constants import default_pg_timeout
+
+from storm_lightning.checkpoint import verify_sharded_checkpoint
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -25,3 +28,10 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        """Lightning's loading, after ``verify_sharded_checkpoint`` has made sure that a sharded folder
+        holds only data (torch unpickles it without restriction); files load with ``weights_only``."""
+        if Path(checkpoint_path).is_dir():
+            verify_sharded_checkpoint(checkpoint_path)
+        return super().load_checkpoint(checkpoint_path, weights_only=True)

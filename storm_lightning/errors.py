@@ -1,9 +1,33 @@
-"""Errors that mean "the configuration is wrong": ``storm-fit`` prints them as one line, no traceback."""
+"""Errors a user causes: the command-line tools print them as one line naming the key or file, no traceback."""
+
+import sys
+from contextlib import contextmanager
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user gave us cannot work (a config value, a path, a file's content)."""
+
+
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the config key and what it expects."""
 
 
 class MissingPathError(ConfigError, FileNotFoundError):
     """A path in the config (shards, tokenizer, checkpoint, weights) that does not exist."""
+
+
+class UnsafeFileError(UserError, ValueError):
+    """A file that would run code if it were loaded (a pickled object where only data belongs): refused
+    before anything in it is executed."""
+
+
+@contextmanager
+def one_line_errors(prog: str):
+    """Run a command-line tool's body: a ``UserError`` becomes one line on stderr and exit status 2."""
+    try:
+        yield
+    except UserError as exn:
+        text = " ".join(line.strip() for line in str(exn).strip().splitlines())
+        kind = "config error" if isinstance(exn, ConfigError) else "error"
+        sys.stderr.write(f"{prog}: {kind}: {text}\n")
+        sys.exit(2)

@@ -88,6 +88,12 @@ class HFCausalLM(CausalLM):
                 )
             self.model = AutoModelForCausalLM.from_pretrained(pretrained_path, trust_remote_code=False)
         else:
+            if min(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size) < 1:
+                raise ConfigError(
+                    f"model.llm.init_args: hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size and "
+                    f"vocab_size must be >= 1, got {hidden_size}, {num_layers}, {num_heads}, {num_kv_heads}, "
+                    f"{intermediate_size}, {vocab_size}"
+                )
             if hidden_size % num_heads or num_heads % num_kv_heads:
                 raise ConfigError(
                     f"model.llm.init_args: hidden_size={hidden_size} must be divisible by num_heads={num_heads}, "

@@ -184,8 +184,9 @@ class MambaTemporalProjector(Projector):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ConfigError(f"model.projector.init_args.num_layers must be >= 1, got {num_layers}")
+        if min(num_layers, d_state, d_conv, expand) < 1:
+            raise ConfigError(f"model.projector.init_args: num_layers, d_state, d_conv and expand must be >= 1, got "
+                              f"{num_layers}, {d_state}, {d_conv}, {expand}")
         self.input_dim, self.output_dim = input_dim, output_dim
         self.layers = nn.ModuleList(
             MambaLayer(input_dim, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional,

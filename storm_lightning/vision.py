@@ -83,10 +83,13 @@ class SiglipVisionBackbone(VisionBackbone):
             self.model = SiglipVisionModel.from_pretrained(pretrained_path)
             config = self.model.config
         else:
-            if image_size % patch_size:
-                raise ConfigError(
-                    f"model.vision.init_args.image_size={image_size} must be a multiple of patch_size={patch_size}"
-                )
+            if patch_size < 1 or image_size < patch_size or image_size % patch_size:
+                raise ConfigError(f"model.vision.init_args.image_size={image_size} must be a positive multiple of "
+                                  f"patch_size={patch_size} (>= 1)")
+            if min(hidden_size, num_layers, num_heads, intermediate_size) < 1 or hidden_size % num_heads:
+                raise ConfigError(f"model.vision.init_args: hidden_size={hidden_size}, num_layers={num_layers}, "
+                                  f"num_heads={num_heads} and intermediate_size={intermediate_size} must be >= 1, "
+                                  "and hidden_size a multiple of num_heads")
             config = SiglipVisionConfig(
                 image_size=image_size,
                 patch_size=patch_size,
@@ -134,6 +137,9 @@ class TimmViTBackbone(VisionBackbone):
         super().__init__()
         import timm
 
+        if patch_size < 1 or image_size < patch_size or image_size % patch_size:
+            raise ConfigError(f"model.vision.init_args.image_size={image_size} must be a positive multiple of "
+                              f"patch_size={patch_size} (>= 1)")
         self.model = timm.create_model(
             model_name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch_size
         )

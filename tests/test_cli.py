@@ -17,12 +17,17 @@ def test_stage_chain_align_sft_long(run_dir):
     assert (run_dir / "runs/sft/checkpoints/last.ckpt").is_file()
     storm_fit("--config", "conf/long.yaml", *FAST)  # init_from runs/sft/checkpoints/last.ckpt in the YAML
     assert (run_dir / "runs/long/checkpoints/last.ckpt").is_file()
-    assert "TemporalAveragePool" in (run_dir / "runs/long/config.yaml").read_text()
+    trained_config = (run_dir / "runs/long/config.yaml").read_text()
+    assert "TemporalAveragePool" in trained_config
     for command in ("validate", "test", "predict"):
         proc = storm_fit(command, "--config", "conf/long.yaml", "--ckpt_path=runs/long/checkpoints/last.ckpt",
                          "--model.init_from=null", f"--trainer.limit_{'val' if command == 'validate' else command}_batches=1",
-                         "--trainer.enable_progress_bar=false", "--data.num_workers=0")
+                         "--trainer.enable_progress_bar=false", "--data.num_workers=0",
+                         "--model.compressors+=TemporalSample")  # a test-time compression
         assert proc.returncode == 0
+        # recorded beside the run, never over the trained model's config (storm-chat and resume read it)
+        assert "TemporalSample" in (run_dir / f"runs/long/{command}_config.yaml").read_text()
+    assert (run_dir / "runs/long/config.yaml").read_text() == trained_config
 
 
 def test_mlp_baseline_from_yaml_and_from_the_command_line(run_dir):
@@ -66,6 +71,13 @@ def config_error_line(proc) -> str:
     (["--data.image_size=32"], "data.image_size=32 must equal the vision backbone's image size 64"),
     (["--model.init_from=missing.ckpt"], "model.init_from: no such checkpoint 'missing.ckpt'"),
     (["--data.tokenizer_path=nowhere"], "data.tokenizer_path (linked to model.tokenizer_path): 'nowhere' is not a tokenizer"),
+    (["--data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
+    (["--data.batch_size=-1"], "data.batch_size must be >= 1, got -1"),
+    (["--data.num_workers=-2"], "data.num_workers must be >= 0, got -2"),
+    (["--data.train_sources=[{name: t, shards: data_shards/train/text-000000.tar, weight: .nan}]"],
+     "data.train_sources[0] ('t'): weight must be a finite number >= 0"),
+    (["--model.vision.init_args.patch_size=0"], "model.vision.init_args.image_size=64 must be a positive multiple of patch_size=0"),
+    (["--model.llm.init_args.num_layers=0"], "model.llm.init_args: hidden_size, num_layers"),
 ])
 def test_misconfigurations_are_one_line_naming_the_key(run_dir, args, expected):
     line = config_error_line(storm_fit("--config", "conf/sft.yaml", *FAST, *args, check=False))

@@ -30,6 +30,28 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
+def test_the_rename_is_made_durable_by_syncing_the_folder(tmp_path, monkeypatch):
+    import storm_lightning.checkpoint as checkpoint
+
+    calls = []
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: calls.append(("replace", b)) or os.rename(a, b))
+    monkeypatch.setattr(checkpoint, "fsync_dir", lambda folder: calls.append(("fsync_dir", folder)))
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(1)}, tmp_path / "last.ckpt")
+    assert calls == [("replace", tmp_path / "last.ckpt"), ("fsync_dir", tmp_path)]
+
+
+def test_stale_temporaries_of_dead_savers_are_removed(tmp_path):
+    from storm_lightning.checkpoint import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live = tmp_path / f".last.ckpt.tmp{dead.pid}", tmp_path / f".last.ckpt.tmp{os.getpid()}"
+    for path in (stale, live, tmp_path / "last.ckpt"):
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "last.ckpt"])
+
+
 def last_step(path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
 
@@ -54,11 +76,14 @@ def test_sigkill_mid_run_then_resume(run_dir):
             proc.kill()
     saved = last_step(ckpt)  # the last checkpoint is whole and loadable
     assert saved >= 6 and saved % 3 == 0
+    stale = ckpt.with_name(f".last.ckpt.tmp{proc.pid}")  # what a kill during a save leaves
+    stale.write_bytes(b"half a checkpoint")
     done = storm_fit(*args, f"--trainer.max_steps={saved + 4}", f"--ckpt_path={ckpt}")
     assert "Restoring states from the checkpoint path" in done.stdout + done.stderr
     # resumed at `saved`, so only the steps after it were redone; the final step is saved too, although
     # it is not a multiple of every_n_train_steps
     assert last_step(ckpt) == saved + 4
+    assert not stale.exists()  # removed when the resumed run started
 
 
 @pytest.mark.slow
@@ -84,3 +109,31 @@ def test_exact_resume_matches_an_uninterrupted_run(run_dir, workers):
     moments = [(s["exp_avg"], t["exp_avg"]) for s, t in zip(straight["optimizer_states"][0]["state"].values(),
                                                              split["optimizer_states"][0]["state"].values())]
     assert all(torch.equal(a, b) for a, b in moments)
+
+
+STALLED_DATA = ("import time\n"
+                "from storm_lightning.data import datamodule\n"
+                "datamodule.SampleProcessor.__call__ = lambda self, raw, source: time.sleep(1000)\n"
+                "from storm_lightning.cli import fit_main\n"
+                "fit_main()\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_stops_a_run_stalled_in_data_loading(run_dir, workers):
+    """Lightning stops on SIGTERM only between steps; a reader that never returns must not keep the run."""
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_DATA, "--config", "conf/sft.yaml",
+                             f"--data.num_workers={workers}", "--trainer.enable_progress_bar=false"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(12)  # built, and waiting for its first batch
+        assert proc.poll() is None
+        start = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and time.time() - start < 15
+    assert "storm-fit: stopped by SIGTERM" in err and "Traceback" not in err
+    assert not list(run_dir.glob("runs/**/.*.tmp*"))

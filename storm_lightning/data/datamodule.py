@@ -25,6 +25,8 @@ import glob
 import itertools
 import json
 import logging
+import math
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -65,7 +67,9 @@ class ShardSource:
     start_step: int = 0
 
     def shard_paths(self, key: str) -> list[str]:
-        paths = [p for pattern in braceexpand(self.shards) for p in sorted(glob.glob(pattern))]
+        # absolute paths: webdataset runs a name that starts with "pipe:" as a shell command, and a
+        # relative glob can pick up a file so named
+        paths = [os.path.abspath(p) for pattern in braceexpand(self.shards) for p in sorted(glob.glob(pattern))]
         if not paths:
             raise MissingPathError(f"{key}: no shard matches '{self.shards}' (source '{self.name}')")
         return paths
@@ -430,9 +434,16 @@ class StormDataModule(L.LightningDataModule):
             raise ConfigError("data.train_sources: at least one source is required")
         for key, sources in (("train_sources", train_sources), ("val_sources", val_sources or [])):
             for i, src in enumerate(sources):
-                if src.weight < 0 or src.frames_per_clip < 1 or src.start_step < 0:
-                    raise ConfigError(f"data.{key}[{i}] ('{src.name}'): weight must be >= 0, frames_per_clip >= 1 "
-                                      f"and start_step >= 0, got {src.weight}, {src.frames_per_clip}, {src.start_step}")
+                if not (math.isfinite(src.weight) and src.weight >= 0) or src.frames_per_clip < 1 or src.start_step < 0:
+                    raise ConfigError(f"data.{key}[{i}] ('{src.name}'): weight must be a finite number >= 0, "
+                                      f"frames_per_clip >= 1 and start_step >= 0, got {src.weight}, "
+                                      f"{src.frames_per_clip}, {src.start_step}")
+        for key, value, least in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
+                                  ("val_batch_size", val_batch_size or 1, 1), ("num_workers", num_workers, 0),
+                                  ("max_length", max_length, 2), ("shuffle_buffer", shuffle_buffer, 0),
+                                  ("skip_rate_after", skip_rate_after, 1)):
+            if value < least:  # a batch size of 0 would never yield a batch and keep every sample
+                raise ConfigError(f"data.{key} must be >= {least}, got {value}")
         if not any(src.weight > 0 and src.start_step == 0 for src in train_sources):
             raise ConfigError("data.train_sources: at least one source needs weight > 0 and start_step: 0, "
                               "or the first batches have nothing to draw from")
