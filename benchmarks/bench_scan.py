@@ -93,7 +93,7 @@ def bench_model_share(repeats: int) -> None:
     dm = StormDataModule([ShardSource(**s) for s in data["train_sources"]], tokenizer_path=data["tokenizer_path"],
                          image_size=data["image_size"], batch_size=data["batch_size"], num_workers=0)
     batches = iter(dm.train_dataloader())
-    batch = next(b for b in batches if int((b["frames_per_sample"] == 32).sum()) >= 3)
+    batch = next(b for b in batches if int((b.frames_per_sample == 32).sum()) >= 3)
 
     timings: dict[str, list[float]] = {}
 
@@ -124,7 +124,7 @@ def bench_model_share(repeats: int) -> None:
         start = time.perf_counter()
         forward()
         total.append(time.perf_counter() - start)
-    frames = batch["frames_per_sample"].tolist()
+    frames = batch.frames_per_sample.tolist()
     print(f"\n== share of a StormModel forward, tiny default (conf/sft.yaml), batch frames {frames}")
     med_total = statistics.median(total[1:])
     for name, ts in timings.items():

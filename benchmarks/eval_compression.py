@@ -46,7 +46,7 @@ CHANCE = {"direction": 25.0, "order": 12.5, "flash": 12.5, "count": 25.0, "image
 def run_variant(config: list[str], ckpt: str, name: str, compressors: str, sources: str, workdir: Path) -> list[dict]:
     run = "eval_" + "".join(c if c.isalnum() else "_" for c in name)
     shutil.rmtree(workdir / run, ignore_errors=True)
-    cmd = [sys.executable, "-c", "from storm_lightning.cli import fit_main; fit_main()", "test", *config,
+    cmd = [sys.executable, "-c", "from storm_lightning.fit import fit_main; fit_main()", "test", *config,
            f"--ckpt_path={ckpt}", f"--model.compressors={compressors}", f"--data.val_sources={sources}",
            f"--trainer.logger.init_args.save_dir={workdir}", f"--trainer.logger.init_args.name={run}",
            "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]"]

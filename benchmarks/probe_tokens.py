@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from storm_lightning.data.datamodule import SampleProcessor, ShardSource, ShardStream
+from storm_lightning.data import ShardSource
+from storm_lightning.data.samples import SampleProcessor
+from storm_lightning.data.stream import ShardStream
 from storm_lightning.inference import build_model, load_model
 
 TRAIN = ["image=data_shards/train/image-{000000..000003}.tar",
@@ -50,16 +52,16 @@ def features(model, specs: list[str], frames: int, tokenizer_path: str, limit: i
     tower: list = []  # the vision tower's output, caught during encode_media's own call
     hook = model.vision.register_forward_hook(lambda module, args, out: tower.append(out))
     for sample in stream:
-        category = sample.get("category")
+        category = sample.category
         if category is None or len(rows[category]["labels"]) >= limit:
             continue
-        pixels = sample["pixel_values"]
+        pixels = sample.pixel_values
         tower.clear()
         visual, _ = model.encode_media(pixels, torch.tensor([len(pixels)]))
         rows[category]["vision"].append(tower[0].mean((0, 1)))
         rows[category]["llm_input"].append(visual[0].mean(0))
-        rows[category]["labels"].append(sample["answer"])
-        rows[category]["options"] = len(sample["options"])
+        rows[category]["labels"].append(sample.answer)
+        rows[category]["options"] = len(sample.options)
     hook.remove()
     return {c: {"labels": torch.tensor(r["labels"]), "options": r["options"],
                 **{s: torch.stack(r[s]) for s in STAGES}} for c, r in rows.items()}

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from storm_lightning.data import synth
-from storm_lightning.data.datamodule import collate
+from storm_lightning.data.batching import collate
+from storm_lightning.data.records import multiple_choice_prompt
+from storm_lightning.data.samples import Sample
 from storm_lightning.host_memory import keep_freed_memory
 from storm_lightning.inference import build_model
 from storm_lightning.tokenizer import OPTION_LETTERS, encode_conversation
@@ -31,23 +33,22 @@ VIDEO_TASKS = {f.__name__.removeprefix("video_"): f for f in synth.VIDEO_TASKS}
 
 
 def as_sample(tokenizer, tag: str, question: str, options: list[str], answer: int, pixels: np.ndarray,
-              category: str) -> dict:
-    conversation = [{"from": "human", "value": f"{tag}\n{synth.multiple_choice_prompt(question, options)}"},
+              category: str) -> Sample:
+    conversation = [{"from": "human", "value": f"{tag}\n{multiple_choice_prompt(question, options)}"},
                     {"from": "gpt", "value": OPTION_LETTERS[answer]}]
     ids, labels = encode_conversation(tokenizer, conversation, 4096)
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-            "pixel_values": torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), "frame_indices": [],
-            "clip_frames": len(pixels), "key": "", "source": category, "skipped": {}, "category": category,
-            "answer": answer, "options": options}
+    return Sample(key="", source=category, input_ids=torch.tensor(ids), labels=torch.tensor(labels),
+                  pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), clip_frames=len(pixels),
+                  category=category, answer=answer, options=options)
 
 
-def clip_sample(rng, tokenizer, tasks: list[str], frames: int, size: int) -> dict:
+def clip_sample(rng, tokenizer, tasks: list[str], frames: int, size: int) -> Sample:
     clip, task = VIDEO_TASKS[tasks[rng.integers(len(tasks))]](rng, frames, size)
     return as_sample(tokenizer, "<video>", task["question"], task["options"], task["options"].index(task["correct"]),
                      np.stack(clip), task["category"])
 
 
-def position_sample(rng, tokenizer, size: int) -> dict:
+def position_sample(rng, tokenizer, size: int) -> Sample:
     """The bundled ``image_position`` question (``synth.image_frame``: a shape in one quadrant)."""
     frame, _, shape, quadrant = synth.image_frame(rng, size)
     return as_sample(tokenizer, "<image>", f"Where is the {shape}?", list(synth.QUADRANTS),
@@ -55,15 +56,15 @@ def position_sample(rng, tokenizer, size: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, samples: list[dict], pad_id: int) -> str:
+def evaluate(model, samples: list[Sample], pad_id: int) -> str:
     model.eval()
     scores: dict[str, list] = {}
     for i in range(0, len(samples), 16):
         batch = samples[i:i + 16]
         for sample, row in zip(batch, model(collate(batch, pad_id))["choice_scores"]):
-            pred = int(row[:len(sample["options"])].argmax())
-            hits, letters = scores.setdefault(sample["category"], [[], set()])
-            hits.append(pred == sample["answer"])
+            pred = int(row[:len(sample.options)].argmax())
+            hits, letters = scores.setdefault(sample.category, [[], set()])
+            hits.append(pred == sample.answer)
             letters.add(pred)
     model.train()
     return " ".join(f"{c}={100 * np.mean(h):.0f}({len(letters)}l)" for c, (h, letters) in sorted(scores.items()))

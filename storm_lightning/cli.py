@@ -1,98 +1,14 @@
-"""Command-line entry points: ``storm-fit`` (LightningCLI) and ``storm-shards`` (shard tools)."""
+"""Command-line entry points besides ``storm-fit`` (``storm_lightning/fit.py``): ``storm-shards`` (shard
+tools), ``storm-chat`` and ``storm-export``. Each imports what it needs when it runs."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 
-from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
-
-from storm_lightning.checkpoint import AtomicCheckpointIO
-from storm_lightning.data import StormDataModule
-from storm_lightning.errors import ConfigError, MissingPathError, one_line_errors
-from storm_lightning.host_memory import keep_freed_memory
-from storm_lightning.model import StormModel
-
-
-def config_error(message: str) -> None:
-    """One line on stderr, exit status 2: a config error needs its key named, not a traceback."""
-    text = " ".join(line.strip() for line in str(message).strip().splitlines())
-    sys.stderr.write(f"storm-fit: config error: {text}\n")
-    sys.exit(2)
-
-
-# `storm-fit fit` writes the run's config.yaml; the other subcommands record theirs beside it under
-# another name, so that evaluating with other frames or compressors never changes what storm-chat,
-# storm-export and a resumed run read as the trained model's config
-def config_filename(subcommand: str) -> str:
-    return "config.yaml" if subcommand == "fit" else f"{subcommand}_config.yaml"
-
-
-class StormArgumentParser(LightningArgumentParser):
-    """Parse errors (unknown key, wrong type) as one line instead of the whole usage text."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        if not self.exit_on_error:  # jsonargparse probing internally: keep its behaviour
-            return super().error(message, ex)
-        config_error(f"{message} (`storm-fit fit --help` lists every key)")
-
-
-class StormCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        # one tokenizer for data and model: set data.tokenizer_path only
-        parser.link_arguments("data.tokenizer_path", "model.tokenizer_path")
-
-    def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make saves atomic
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if isinstance(trainer.accelerator, CPUAccelerator) and keep_freed_memory():  # see host_memory
-            rank_zero_info("Host memory: freed blocks are kept for reuse, not returned to the OS "
-                           "(faster CPU steps; STORM_KEEP_FREED_MEMORY=0 turns this off)")
-        return trainer
-
-
-class Terminated(BaseException):
-    """SIGTERM: stop now, wherever the run is, data loading included. Lightning alone would stop only at
-    the next step boundary, which a stalled data loader never reaches. Checkpoint saves are atomic
-    (``AtomicCheckpointIO``), so stopping anywhere leaves no half-written file."""
-
-
-def _terminate(signum, frame) -> None:
-    if os.getpid() != _MAIN_PID:  # a forked data worker: leave quietly, the main process stops the run
-        sys.exit(128 + signum)
-    raise Terminated(signum)
-
-
-_MAIN_PID = os.getpid()
-
-
-def fit_main(args: list[str] | None = None) -> None:
-    """``storm-fit [fit|validate|test|predict] --config conf/sft.yaml [--key=value ...]``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
-    argv = list(sys.argv[1:] if args is None else args)
-    if not argv or argv[0] not in ("fit", "validate", "test", "predict", "-h", "--help"):
-        argv = ["fit", *argv]  # `storm-fit --config x.yaml` means fit
-    sys.argv = [sys.argv[0], *argv]
-    subcommand = argv[0] if argv[0] in ("fit", "validate", "test", "predict") else "fit"
-    # a UserError is raised while building components, in StormModel.setup (before any data), or when
-    # a checkpoint is refused
-    global _MAIN_PID
-    _MAIN_PID = os.getpid()
-    signal.signal(signal.SIGTERM, _terminate)  # Lightning adds its own handler in front of it
-    try:
-        with one_line_errors("storm-fit"):
-            StormCLI(StormModel, StormDataModule, parser_class=StormArgumentParser, auto_configure_optimizers=False,
-                     save_config_kwargs={"overwrite": True, "config_filename": config_filename(subcommand)})
-    except Terminated:
-        sys.stderr.write("storm-fit: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path\n")
-        sys.exit(128 + signal.SIGTERM)
+from storm_lightning.errors import ConfigError, MissingPathError, UserError, one_line_errors
 
 
 def shards_main(args: list[str] | None = None) -> None:
@@ -105,17 +21,36 @@ def shards_main(args: list[str] | None = None) -> None:
     synth.add_argument("--image-size", type=int, default=64)
     synth.add_argument("--scale", type=float, default=1.0, help="multiply every source's sample count")
     synth.add_argument("--shards-per-source", type=int, default=4)
-    conv = sub.add_parser("convert", help="LLaVA-style JSON/JSONL + media folder -> shards")
-    conv.add_argument("--annotations", required=True, help="a .json list of records or a .jsonl file")
+    conv = sub.add_parser("convert", help="annotations (LLaVA, VILA, ms-swift, LLaMA-Factory, Video-MME, MVBench, "
+                                          "MLVU, LongVideoBench) + a media folder -> shards")
+    conv.add_argument("--annotations", required=True, help="a .json list of records, a .jsonl or a .parquet file")
     conv.add_argument("--media-root", required=True, help="the folder the records' image/video paths are in")
     conv.add_argument("--out", required=True)
+    conv.add_argument("--format", default="auto", help="auto (per record), conversations, videomme, mvbench, mlvu "
+                                                       "or longvideobench (docs/data.md)")
     conv.add_argument("--prefix", default="data")
     conv.add_argument("--samples-per-shard", type=int, default=1000)
     conv.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    chk = sub.add_parser("check", help="read every sample of the given shards; exit 1 if any is bad")
+    conv.add_argument("--frames", type=int, help="store N frames of each video (sampled now) instead of the video")
+    conv.add_argument("--size", type=int, help="... resized to S x S (with --frames)")
+    conv.add_argument("--fps", type=float, help="... one every 1/FPS seconds, at most --frames (with --frames)")
+    conv.add_argument("--folder-fps", type=float, default=1.0, help="frame rate of frame-folder videos")
+    conv.add_argument("--category", help="category of records that name none (default for mvbench: the file name)")
+    chk = sub.add_parser("check", help="read every sample of the given shards as training does; exit 1 if any is bad")
     chk.add_argument("shards", nargs="+", help="shard paths or brace patterns")
+    chk.add_argument("--config", help="a storm-fit config: read as its data section says (tokenizer, image size, "
+                                      "max length; a listed source's frames)")
+    chk.add_argument("--tokenizer", default="data_shards/tokenizer")
+    chk.add_argument("--image-size", type=int, default=64)
+    chk.add_argument("--max-length", type=int, default=4096)
+    chk.add_argument("--frames", type=int, default=32, help="frames sampled from each video")
     chk.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     opts = parser.parse_args(args)
+    with one_line_errors("storm-shards"):
+        _shards(opts)
+
+
+def _shards(opts: argparse.Namespace) -> None:
     if opts.command == "synth":
         from storm_lightning.data.synth import synthesize
 
@@ -126,10 +61,15 @@ def shards_main(args: list[str] | None = None) -> None:
     elif opts.command == "convert":
         from storm_lightning.data.convert import convert
 
-        report = convert(opts.annotations, opts.media_root, opts.out, prefix=opts.prefix,
-                         samples_per_shard=opts.samples_per_shard, workers=opts.workers)
+        report = convert(opts.annotations, opts.media_root, opts.out, workers=opts.workers, format=opts.format,
+                         prefix=opts.prefix, samples_per_shard=opts.samples_per_shard, frames=opts.frames,
+                         size=opts.size, fps=opts.fps, folder_fps=opts.folder_fps, category=opts.category)
         print(f"{report['written']} of {report['records']} records written to {report['shards']} shards "
               f"({report['resumed_shards']} already there): {report['shard_pattern']}")
+        if opts.frames and report["source_media_bytes"]:
+            print(f"media: {report['source_media_bytes'] / 2**20:.1f} MB of source videos -> "
+                  f"{report['shard_bytes'] / 2**20:.1f} MB of shards "
+                  f"({report['source_media_bytes'] / max(1, report['shard_bytes']):.0f}x smaller)")
         for kind, count in report["problems_by_kind"].items():
             print(f"  left out, {kind}: {count}")
         print(f"report: {opts.out}/convert_report.json")
@@ -139,12 +79,42 @@ def shards_main(args: list[str] | None = None) -> None:
         from storm_lightning.data.convert import check
 
         paths = [p for pattern in opts.shards for p in braceexpand(pattern)]
-        results = check(paths, workers=opts.workers)
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise MissingPathError(f"no such shard: {missing[0]}" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
+        results = check(paths, _check_settings(opts, paths), workers=opts.workers)
         for r in results:
             print(f"{r['shard']}: {r['samples']} samples, {len(r['bad'])} bad")
             for b in r["bad"][:20]:
                 print(f"  {b['key']}: {b['problem']}")
         sys.exit(1 if any(r["bad"] for r in results) else 0)
+
+
+def _check_settings(opts: argparse.Namespace, paths: list[str]):
+    """What training would read the shards with: the flags, or a storm-fit config's data section."""
+    from storm_lightning.data.convert import CheckSettings
+
+    if opts.config is None:
+        return CheckSettings(opts.tokenizer, opts.image_size, opts.max_length, opts.frames)
+    import yaml
+
+    from storm_lightning.data import ShardSource
+
+    if not Path(opts.config).is_file():
+        raise MissingPathError(f"--config: no such file '{opts.config}'")
+    data = (yaml.safe_load(Path(opts.config).read_text()) or {}).get("data", {})
+    sources = [ShardSource(**s) for s in data.get("train_sources", []) + (data.get("val_sources") or [])]
+    absolute = {os.path.abspath(p) for p in paths}
+
+    def reads_these(source) -> bool:
+        try:
+            return bool(absolute & set(source.shard_paths("")))
+        except MissingPathError:
+            return False
+
+    frames = next(filter(reads_these, sources), None) or ShardSource("check", "", frames_per_clip=opts.frames)
+    return CheckSettings(data.get("tokenizer_path", opts.tokenizer), data.get("image_size", opts.image_size),
+                         data.get("max_length", 4096), frames.frames_per_clip, frames.fps, frames.max_frames)
 
 
 def chat_main(args: list[str] | None = None) -> None:
@@ -154,10 +124,15 @@ def chat_main(args: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="a storm-fit .ckpt or a storm-export directory")
     parser.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
     media = parser.add_mutually_exclusive_group()
-    media.add_argument("--video")
+    media.add_argument("--video", help="a video file, or a folder of its frames (JPEG/PNG, in name order)")
     media.add_argument("--image")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--frames", type=int, default=32, help="frames sampled uniformly from the video")
+    parser.add_argument("--fps", type=float, help="instead: one frame every 1/FPS seconds, at most --max-frames")
+    parser.add_argument("--max-frames", type=int, help="cap for --fps (default: --frames)")
+    parser.add_argument("--start", type=float, help="clip bounds in seconds")
+    parser.add_argument("--end", type=float)
+    parser.add_argument("--folder-fps", type=float, default=1.0, help="frame rate of a --video frame folder")
     parser.add_argument("--temporal-pool", type=int, metavar="K", help="replace the compressors: pool K frames")
     parser.add_argument("--spatial-pool", type=int, metavar="P", help="... and/or pool P x P tokens")
     parser.add_argument("--temporal-sample", type=int, metavar="S", help="... and/or keep every S-th frame")
@@ -170,10 +145,11 @@ def chat_main(args: list[str] | None = None) -> None:
 
 def _chat(opts: argparse.Namespace) -> None:
     from storm_lightning.compressors import SpatialAveragePool, TemporalAveragePool, TemporalSample
-    from storm_lightning.data.media import decode_image, decode_video
+    from storm_lightning.data.media import decode_image
+    from storm_lightning.data.video import FrameSampling, VideoReadError, read_path
     from storm_lightning.inference import generate, load_model
 
-    for flag in ("frames", "temporal_pool", "spatial_pool", "temporal_sample", "max_new_tokens"):
+    for flag in ("frames", "max_frames", "temporal_pool", "spatial_pool", "temporal_sample", "max_new_tokens"):
         value = getattr(opts, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -190,13 +166,19 @@ def _chat(opts: argparse.Namespace) -> None:
     model, _ = load_model(opts.checkpoint, opts.config, chain or None)  # None: the checkpoint's chain
     size = model.vision.image_size
     pixels = None
-    if opts.video:
-        pixels, _, total = decode_video(open(opts.video, "rb").read(), opts.frames, size)
-        before, after = model.visual_tokens(opts.frames, training=False)
-        print(f"[{opts.frames} of {total} frames, {before} visual tokens -> {after} after compression]",
-              file=sys.stderr)
-    elif opts.image:
-        pixels = decode_image(open(opts.image, "rb").read(), size)
+    try:
+        if opts.video:
+            sampling = FrameSampling(frames=opts.frames, fps=opts.fps, max_frames=opts.max_frames, start=opts.start,
+                                     end=opts.end)
+            clip = read_path(opts.video, sampling, size, folder_fps=opts.folder_fps)
+            pixels = clip.frames
+            before, after = model.visual_tokens(len(pixels), training=False)
+            print(f"[{len(pixels)} of {clip.total_frames} frames ({clip.timestamps[0]:.1f}-{clip.timestamps[-1]:.1f} s), "
+                  f"{before} visual tokens -> {after} after compression]", file=sys.stderr)
+        elif opts.image:
+            pixels = decode_image(Path(opts.image).read_bytes(), size)
+    except (VideoReadError, OSError, ValueError) as exn:  # not a video or image: the user's file, one line
+        raise UserError(f"--{'video' if opts.video else 'image'} {media}: {' '.join(str(exn).split())}") from None
     generate(model, opts.prompt, pixels, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature)
 
 

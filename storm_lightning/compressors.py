@@ -117,3 +117,15 @@ def chain_output_shape(compressors, frames: int, grid: Grid, training: bool) -> 
     for c in compressors:
         frames, grid = c.output_shape(frames, grid, training)
     return frames, grid
+
+
+class VisualTokenCount:
+    """``frames -> visual tokens`` a clip of that many frames gives after ``compressors`` in training (an
+    image: 1 frame). Picklable and parameter-free, for data workers (batching by token budget)."""
+
+    def __init__(self, grid: Grid, compressors: tuple[Compressor, ...]) -> None:
+        self.grid, self.compressors = grid, compressors
+
+    def __call__(self, frames: int) -> int:
+        t, (h, w) = chain_output_shape(self.compressors, frames, self.grid, training=True)
+        return t * h * w

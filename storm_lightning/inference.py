@@ -15,7 +15,8 @@ import yaml
 from storm_lightning.compressors import Compressor
 from storm_lightning.errors import MissingPathError
 from storm_lightning.model import StormModel
-from storm_lightning.tokenizer import IGNORE_INDEX, IM_END, IMAGE_TOKEN, VIDEO_TOKEN, encode_prompt
+from storm_lightning.data.batching import Batch
+from storm_lightning.tokenizer import IM_END, IMAGE_TOKEN, VIDEO_TOKEN, encode_prompt
 
 
 def find_config(checkpoint: str) -> Path:
@@ -113,18 +114,13 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
     return model.eval()
 
 
-def media_batch(model: StormModel, prompt: str, pixel_values: torch.Tensor | None) -> dict:
-    """A one-sample batch in the model's format, ending with the assistant header."""
+def media_batch(model: StormModel, prompt: str, pixel_values: torch.Tensor | None) -> Batch:
+    """A one-sample batch ending with the assistant header."""
     if pixel_values is not None:
         tag = VIDEO_TOKEN if len(pixel_values) > 1 else IMAGE_TOKEN
         if IMAGE_TOKEN not in prompt and VIDEO_TOKEN not in prompt:
             prompt = f"{tag}\n{prompt}"
-    ids = torch.tensor([encode_prompt(model.tokenizer, [{"from": "human", "value": prompt}])])
-    return {
-        "input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX), "attention_mask": torch.ones_like(ids),
-        "pixel_values": pixel_values,
-        "frames_per_sample": torch.tensor([0 if pixel_values is None else len(pixel_values)]),
-    }
+    return Batch.prompt(encode_prompt(model.tokenizer, [{"from": "human", "value": prompt}]), pixel_values)
 
 
 @torch.no_grad()

@@ -28,7 +28,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from storm_lightning.errors import ConfigError, MissingPathError
-from storm_lightning.compressors import Compressor, TemporalAveragePool, chain_output_shape
+from storm_lightning.compressors import Compressor, TemporalAveragePool, VisualTokenCount, chain_output_shape
+from storm_lightning.data.batching import Batch
+from storm_lightning.data.datamodule import StormDataModule
 from storm_lightning.downsamplers import Downsampler
 from storm_lightning.llm import CausalLM
 from storm_lightning.projectors import Projector
@@ -152,6 +154,12 @@ class StormModel(L.LightningModule):
                 except ValueError as exn:
                     raise ConfigError(f"model.compressors[{i}] ({type(c).__name__}): {exn}") from None
 
+    @property
+    def visual_token_count(self) -> VisualTokenCount:
+        """frames -> visual tokens after compression in training; ``storm-fit`` links it to
+        ``data.visual_tokens`` (batching by token budget)."""
+        return VisualTokenCount(self.token_grid, tuple(self.compressors))
+
     def visual_tokens(self, frames: int, training: bool | None = None) -> tuple[int, int]:
         """Visual tokens of a ``frames``-frame clip before and after compression."""
         training = self.training if training is None else training
@@ -162,14 +170,13 @@ class StormModel(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return
-        size = getattr(dm, "image_size", self.vision.image_size)
-        _require(size == self.vision.image_size,
-                 f"data.image_size={size} must equal the vision backbone's image size {self.vision.image_size} "
+        if not isinstance(dm, StormDataModule):
+            return
+        _require(dm.image_size == self.vision.image_size,
+                 f"data.image_size={dm.image_size} must equal the vision backbone's image size {self.vision.image_size} "
                  f"(model.vision.init_args.image_size)")
-        if hasattr(dm, "visual_tokens") and hasattr(dm, "frame_counts"):  # for batching by token budget
-            dm.visual_tokens.update({t: self.visual_tokens(t, training=True)[1] for t in dm.frame_counts()})
         pool = math.prod(c.kernel_size for c in self.compressors if isinstance(c, TemporalAveragePool))
-        for key, frames in getattr(dm, "video_frames", dict)().items():
+        for key, frames in dm.video_frames().items():
             _require(frames >= pool, f"{key}={frames} is fewer frames than the temporal pooling of "
                                      f"{pool} set in model.compressors: use at least {pool}")
 
@@ -251,15 +258,15 @@ class StormModel(L.LightningModule):
                 lengths = set().union(*map(set, gathered))
         return sorted(lengths)
 
-    def expand_inputs(self, batch: dict) -> dict:
+    def expand_inputs(self, batch: Batch) -> dict:
         """Each media placeholder widened to as many slots as that sample has visual tokens.
 
         Returns (right-padded, length L'): ``input_ids`` (pad id in visual slots), ``visual_mask``,
         ``attention_mask``, ``labels`` (-100 on visual slots), ``visual`` (V, D_llm) in row-major slot
         order, and ``zero`` (see ``encode_media``).
         """
-        input_ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()
-        visual, zero = self.encode_media(batch.get("pixel_values"), batch["frames_per_sample"])
+        input_ids, labels, mask = batch.input_ids, batch.labels, batch.attention_mask.bool()
+        visual, zero = self.encode_media(batch.pixel_values, batch.frames_per_sample)
         lengths = iter([len(v) for v in visual])
         is_media = torch.isin(input_ids, torch.tensor(self.media_token_ids, device=input_ids.device))
         pad = self.tokenizer.pad_token_id
@@ -268,7 +275,7 @@ class StormModel(L.LightningModule):
             ids, lab = input_ids[i][mask[i]], labels[i][mask[i]]
             slots = torch.zeros_like(ids, dtype=torch.bool)
             where = is_media[i][mask[i]].nonzero().flatten()
-            if int(batch["frames_per_sample"][i]) > 0:
+            if int(batch.frames_per_sample[i]) > 0:
                 assert len(where) == 1, f"sample {i}: {len(where)} media placeholders for one medium"
                 p, n = int(where[0]), next(lengths)
                 ids = torch.cat([ids[:p], ids.new_full((n,), pad), ids[p + 1:]])
@@ -292,13 +299,13 @@ class StormModel(L.LightningModule):
         out["zero"] = zero
         return out
 
-    def build_inputs(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+    def build_inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """inputs_embeds (B, L', D), attention_mask (B, L'), labels (B, L'): for generation and profiling."""
         x = self.expand_inputs(batch)
         embeds = self.llm.embed_with_visual(x["input_ids"], x["visual_mask"], x["visual"], x["zero"])
         return embeds, x["attention_mask"], x["labels"]
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: Batch) -> dict:
         """loss (over assistant tokens, weighted as ``loss_weighting`` says), sample_loss (B,) (mean per
         sample), token counts, and ``choice_scores`` (B, OPTIONS): option-letter logits (rows without an
         answer: zeros)."""
@@ -329,22 +336,22 @@ class StormModel(L.LightningModule):
 
     # ---- training -----------------------------------------------------------------------------------
 
-    def _log_visual_tokens(self, batch: dict, prefix: str) -> None:
-        frames = [int(t) for t in batch["frames_per_sample"] if t > 0]
+    def _log_visual_tokens(self, batch: Batch, prefix: str) -> None:
+        frames = [int(t) for t in batch.frames_per_sample if t > 0]
         if frames:
             counts = [self.visual_tokens(t) for t in frames]
             n = len(counts)
             self.log(f"{prefix}/visual_tokens_before", sum(c[0] for c in counts) / n, batch_size=n)
             self.log(f"{prefix}/visual_tokens_after", sum(c[1] for c in counts) / n, batch_size=n)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         out = self(batch)
-        size = len(batch["input_ids"])
+        size = len(batch)
         if not self._loss_is_finite(out["loss"]):
             return None  # Lightning skips backward and the update
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
         self._log_visual_tokens(batch, "train")
-        self._skipped.update(batch.get("skipped", {}))
+        self._skipped.update(batch.skipped)
         self.log("data/skipped_samples", float(sum(self._skipped.values())), batch_size=size)
         for name, count in self._skipped.items():
             self.log(f"data/skipped_samples/{name}", float(count), batch_size=size)
@@ -388,34 +395,37 @@ class StormModel(L.LightningModule):
             if not group["name"].endswith("_no_decay"):  # same lr as its decayed twin
                 self.log(f"lr/{group['name']}", group["lr"])
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def _evaluate(self, batch: dict, stage: str) -> None:
+    def _evaluate(self, batch: Batch, stage: str) -> None:
         out = self(batch)
-        self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=len(batch["input_ids"]))
+        self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=len(batch))
         self._log_visual_tokens(batch, stage)
         self._score_choices(batch, out["choice_scores"], stage)
 
-    def _score_choices(self, batch: dict, scores: Tensor, stage: str) -> None:
+    def _score_choices(self, batch: Batch, scores: Tensor, stage: str) -> None:
         """Multiple-choice accuracy overall, per category and per clip length; records predictions."""
-        for i, options in enumerate(batch.get("options") or []):
-            if not options or batch["answer"][i] is None:
+        for i, options in enumerate(batch.options):
+            if not options or batch.answer[i] is None:
                 continue
             prediction = int(scores[i, : len(options)].argmax())
-            correct = float(prediction == int(batch["answer"][i]))
-            groups = ["overall", f"category/{batch['category'][i] or 'none'}",
-                      f"clip_frames/{clip_bucket(batch['clip_frames'][i])}"]
+            correct = float(prediction == int(batch.answer[i]))
+            groups = ["overall", f"category/{batch.category[i] or 'none'}",
+                      f"clip_frames/{clip_bucket(batch.clip_frames[i])}"]
+            if batch.duration[i] is not None:  # benchmarks' own duration groups
+                groups.append(f"duration/{batch.duration[i]}")
             for group in groups:
                 self._accuracy(f"{stage}/accuracy/{group}").update(correct)
             if stage == "test":
                 self._predictions.append({
-                    "key": batch["keys"][i], "source": batch["sources"][i], "category": batch["category"][i],
-                    "clip_frames": batch["clip_frames"][i], "frames": int(batch["frames_per_sample"][i]),
-                    "options": options, "answer": int(batch["answer"][i]), "prediction": prediction,
+                    "key": batch.keys[i], "source": batch.sources[i], "category": batch.category[i],
+                    "duration": batch.duration[i],
+                    "clip_frames": batch.clip_frames[i], "frames": int(batch.frames_per_sample[i]),
+                    "options": options, "answer": int(batch.answer[i]), "prediction": prediction,
                     "correct": bool(correct), "scores": [round(float(x), 4) for x in scores[i, : len(options)]],
                 })
 
@@ -456,11 +466,11 @@ class StormModel(L.LightningModule):
         log.info("wrote %d multiple-choice predictions to %s", len(self._predictions), path)
         self._predictions = []
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
         """Per sample: key, source and the mean loss of its assistant tokens."""
         out = self(batch)
         return [{"key": k, "source": s, "loss": float(v)}
-                for k, s, v in zip(batch["keys"], batch["sources"], out["sample_loss"])]
+                for k, s, v in zip(batch.keys, batch.sources, out["sample_loss"])]
 
     def configure_optimizers(self):
         hp = self.hparams

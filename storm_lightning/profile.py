@@ -66,8 +66,7 @@ class StageTimer:
 def profile_once(model, timer: StageTimer, frames: int, decode_tokens: int) -> dict:
     size = model.vision.image_size
     pixels = torch.randint(0, 255, (frames, 3, size, size), dtype=torch.uint8, device=timer.device)
-    batch = {k: v.to(timer.device) if torch.is_tensor(v) else v
-             for k, v in media_batch(model, "Describe the video in detail.", pixels).items()}
+    batch = media_batch(model, "Describe the video in detail.", pixels).to(timer.device)
     timer.times = {}
     inputs, attention, _ = model.build_inputs(batch)  # vision, projector, compression: timed by hooks
     with timer.stage("llm_prefill"):

@@ -39,6 +39,14 @@ def load_tokenizer(path: str, key: str = "data.tokenizer_path"):
     return tok
 
 
+def max_chars_for(tokenizer, max_length: int) -> int:
+    """Characters of one turn worth tokenizing when at most ``max_length`` tokens are kept: no token
+    is longer than the longest in the vocabulary, so text beyond ``max_length`` times that length lies
+    past the cut anyway. Capping first keeps a 200 MB turn from being tokenized whole."""
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return max_length * max(1, longest) + 1024
+
+
 def media_token_ids(tokenizer) -> tuple[int, int]:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
 

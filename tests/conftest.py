@@ -36,7 +36,7 @@ def storm_fit(*args: str, check: bool = True):
 
     # the installed console script, as users run it (Lightning's multi-process launcher re-runs argv)
     cmd = [sys.executable, str(Path(sys.executable).with_name("storm-fit")), *args]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", COLUMNS="200")  # Lightning's result table, unwrapped
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"storm-fit {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

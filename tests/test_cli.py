@@ -51,6 +51,11 @@ def test_compressors_added_and_removed_from_the_command_line(run_dir):
     assert "TemporalAveragePool" not in (run_dir / "runs/long/config.yaml").read_text()
 
 
+def test_token_budget_batches_with_the_counts_linked_from_the_model(run_dir):
+    storm_fit("--config", "conf/long.yaml", *FAST, "--model.init_from=null", "--data.token_budget=1200")
+    assert (run_dir / "runs/long/checkpoints/last.ckpt").is_file()
+
+
 def config_error_line(proc) -> str:
     """The one line a config error prints (and nothing like a traceback)."""
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -118,3 +119,159 @@ def test_bundled_eval_shards_check_clean():
 
     results = check(sorted(str(p) for p in (SHARDS / "eval").glob("*.tar")), workers=2)
     assert len(results) == 4 and all(r["samples"] > 0 and not r["bad"] for r in results)
+
+
+# ---- real annotation formats, frame folders, clip bounds, conversion-time sampling -------------------------
+
+def video_file(path, frames=40, fps=10, size=(48, 40)):
+    """A clip whose frame i is uniformly grey level 5 * i (so a decoded frame says which it is)."""
+    clip = [np.full((size[1], size[0], 3), 5 * i, np.uint8) for i in range(frames)]
+    path.write_bytes(encode_mp4(clip, fps=fps))
+    return path
+
+
+@pytest.fixture
+def formats(tmp_path):
+    """One annotation file per style (LLaVA, VILA, ms-swift, LLaMA-Factory, ShareGPTVideo frame folder)."""
+    from PIL import Image
+
+    root = tmp_path / "media"
+    root.mkdir()
+    video_file(root / "clip.mp4")
+    video_file(root / "clip.mkv")
+    (root / "frames").mkdir()
+    for i in range(12):  # frame_2 sorts before frame_10
+        Image.new("RGB", (32, 24), (10 * i,) * 3).save(root / "frames" / f"frame_{i}.jpg")
+    (root / "a.png").write_bytes(png())
+    (root / "b.png").write_bytes(png())
+    q, a = "<video>\nWhat happens?", "it brightens."
+    styles = {
+        "llava": [{"id": "l0", "video": "clip.mp4", "conversations": turn(q, a)},
+                  {"id": "l1", "video": "clip.mkv", "conversations": turn(q, a), "start": 1.0, "end": 3.0}],
+        "vila": [{"id": "v0", "videos": ["clip.mkv"], "conversations": turn(q, a)},
+                 {"id": "v1", "images": ["a.png", "b.png"], "conversations": turn("<image>\nAnd these?", "two.")}],
+        "swift": [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q},
+                                {"role": "assistant", "content": a}], "videos": ["clip.mp4"]},
+                  {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                   "videos": ["frames"]}],
+        "sharegptvideo": [{"id": "f0", "video": "frames", "conversations": turn(q, a), "fps": 2}],
+    }
+    files = {}
+    for name, records in styles.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(records))
+    return files, root
+
+
+def read_all(out):
+    from storm_lightning.data.samples import SampleProcessor
+    from storm_lightning.data.stream import ShardStream
+    from storm_lightning.data import ShardSource
+    from tests.conftest import TOKENIZER
+
+    shards = sorted(str(p) for p in out.glob("*.tar"))
+    stream = ShardStream([ShardSource("c", shards[0], frames_per_clip=4)], [shards], SampleProcessor(TOKENIZER, 16, 512),
+                         infinite=False)
+    return {s.key: s for s in stream}
+
+
+def test_each_annotation_style_converts_and_reads(formats, tmp_path):
+    files, root = formats
+    for name, path in files.items():
+        report = convert(str(path), str(root), str(tmp_path / name), progress=False)
+        samples = read_all(tmp_path / name)
+        assert len(samples) == report["written"], name
+    vila = json.loads((tmp_path / "vila/convert_report.json").read_text())
+    assert vila["written"] == 1 and vila["problems"][0]["problem"] == "several_media"  # never text-only
+    llava = read_all(tmp_path / "llava")
+    bounded = llava["000000001"]  # frames only from [1, 3) s at 10 fps: indices 10..29
+    assert all(10 <= i < 30 for i in bounded.frame_indices) and all(1.0 <= t < 3.0 for t in bounded.timestamps)
+    swift = read_all(tmp_path / "swift")
+    assert swift["000000001"].clip_frames == 12  # the frame folder, stored frame by frame
+    folder = read_all(tmp_path / "sharegptvideo")["000000000"]
+    assert folder.timestamps == [i / 2 for i in folder.frame_indices]  # the record's fps
+    # frame i of the folder is grey 10 * i: natural name order kept
+    assert [int(folder.pixel_values[k].float().mean().round()) for k in range(4)] == [
+        10 * i for i in folder.frame_indices]
+
+
+def test_conversion_time_sampling_keeps_the_source_positions(formats, tmp_path):
+    files, root = formats
+    out = tmp_path / "small"
+    report = convert(str(files["llava"]), str(root), str(out), progress=False, frames=8, size=16)
+    assert report["written"] == 2 and report["shard_bytes"] > 0
+    with tarfile.open(out / "data-000000.tar") as tar:
+        metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert [len(m["frame_indices"]) for m in metas] == [8, 8] and "start" not in metas[1]
+    assert all(10 <= i < 30 for i in metas[1]["frame_indices"])
+    sample = read_all(out)["000000001"]  # 4 of the clip's 8 frames, named by their place in the source video
+    assert set(sample.frame_indices) <= set(metas[1]["frame_indices"])
+    assert sample.timestamps == [i / 10 for i in sample.frame_indices]
+
+
+def test_bad_records_are_reported_never_fatal(tmp_path, formats):
+    files, root = formats
+    records = ["not an object", {"id": "nul", "video": "cl\0ip.mp4", "conversations": turn("<video>\nhi", "yo.")},
+               {"id": 7, "image": {"path": "a.png"}, "conversations": turn("<image>\nhi", "yo.")},
+               {"id": "ok", "conversations": turn("hi", "yo.")}]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(records))
+    report = convert(str(path), str(root), str(tmp_path / "out"), progress=False, samples_per_shard=2, workers=2)
+    assert report["written"] == 1 and [p["problem"] for p in report["problems"]] == [
+        "not_an_object", "bad_path", "bad_path"]
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo."}]}\n'
+                     "{not json\n")
+    report = convert(str(jsonl), str(root), str(tmp_path / "out_jsonl"), progress=False)
+    assert report["written"] == 1 and report["problems"][0]["problem"] == "bad_json"
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+
+
+def test_an_output_made_otherwise_is_refused_and_temporaries_are_cleaned(formats, tmp_path):
+    from storm_lightning.errors import ConfigError, UserError
+
+    files, root = formats
+    out = tmp_path / "out"
+    convert(str(files["llava"]), str(root), str(out), progress=False, samples_per_shard=1)
+    with pytest.raises(UserError, match="other options"):  # 45,100 entries with 5,100 duplicates, before
+        convert(str(files["llava"]), str(root), str(out), progress=False, samples_per_shard=2)
+    with pytest.raises(UserError, match="another annotation file"):
+        convert(str(files["vila"]), str(root), str(out), progress=False, samples_per_shard=1)
+    with pytest.raises(ConfigError, match="--samples-per-shard must be >= 1"):
+        convert(str(files["llava"]), str(root), str(tmp_path / "x"), progress=False, samples_per_shard=-1)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / f"data-000000.tar.tmp{dead.pid}").write_bytes(b"half")  # a conversion killed midway
+    report = convert(str(files["llava"]), str(root), str(out), progress=False, samples_per_shard=1)
+    assert report["resumed_shards"] == 2 and not list(out.glob("*.tmp*"))
+
+
+def test_storm_shards_errors_are_one_line(tmp_path, formats):
+    files, root = formats
+    cmd = [sys.executable, "-c", "from storm_lightning.cli import shards_main; shards_main()"]
+    for args, message in ((["convert", "--annotations", str(tmp_path / "none.json"), "--media-root", str(root),
+                            "--out", str(tmp_path / "o")], "no such file"),
+                          (["convert", "--annotations", str(files["llava"]), "--media-root", str(root), "--out",
+                            str(tmp_path / "o"), "--samples-per-shard", "0"], "--samples-per-shard must be >= 1"),
+                          (["check", str(tmp_path / "none.tar")], "no such shard")):
+        proc = subprocess.run(cmd + args, capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("storm-shards: ") and message in proc.stderr
+
+
+@pytest.mark.slow
+def test_real_style_annotations_convert_check_and_train(formats, tmp_path, run_dir):
+    """LLaVA, VILA, ms-swift and ShareGPTVideo-style files -> shards -> check passes -> storm-fit trains."""
+    files, root = formats
+    patterns = []
+    for name, path in files.items():
+        report = convert(str(path), str(root), str(tmp_path / name), progress=False)
+        patterns.append(report["shard_pattern"])
+    check = subprocess.run([sys.executable, "-c", "from storm_lightning.cli import shards_main; shards_main()", "check",
+                            *patterns, "--frames", "4"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    sources = "\n".join(f"    - {{name: {name}, shards: '{pattern}', frames_per_clip: 4}}"
+                        for name, pattern in zip(files, patterns))
+    (run_dir / "mine.yaml").write_text(f"data:\n  train_sources:\n{sources}\n  val_sources: []\n  batch_size: 2\n")
+    storm_fit("--config", "conf/sft.yaml", "--config", "mine.yaml", *FAST, "--trainer.max_steps=3")
+    assert (run_dir / "runs/sft/checkpoints/last.ckpt").is_file()

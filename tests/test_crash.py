@@ -62,7 +62,7 @@ def test_sigkill_mid_run_then_resume(run_dir):
     args = ["--config", "conf/sft.yaml", "--trainer.max_steps=200", "--trainer.limit_val_batches=0",
             "--trainer.callbacks.init_args.every_n_train_steps=3", "--trainer.enable_progress_bar=false",
             "--data.num_workers=0"]
-    cmd = [sys.executable, "-c", "from storm_lightning.cli import fit_main; fit_main()", *args]
+    cmd = [sys.executable, "-c", "from storm_lightning.fit import fit_main; fit_main()", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
@@ -114,7 +114,7 @@ def test_exact_resume_matches_an_uninterrupted_run(run_dir, workers):
 STALLED_DATA = ("import time\n"
                 "from storm_lightning.data import datamodule\n"
                 "datamodule.SampleProcessor.__call__ = lambda self, raw, source: time.sleep(1000)\n"
-                "from storm_lightning.cli import fit_main\n"
+                "from storm_lightning.fit import fit_main\n"
                 "fit_main()\n")
 
 

@@ -35,10 +35,10 @@ def test_position_question_answers_the_quadrant_the_shape_is_in(seed):
     from storm_lightning.tokenizer import load_tokenizer
 
     sample = task_learnability.position_sample(np.random.default_rng(seed), load_tokenizer(TOKENIZER), 64)
-    lit = sample["pixel_values"][0].amax(0) > 60  # (64, 64): the shape on the dark background
+    lit = sample.pixel_values[0].amax(0) > 60  # (64, 64): the shape on the dark background
     ys, xs = lit.nonzero(as_tuple=True)
     quadrant = f"{'top' if ys.float().mean() < 32 else 'bottom'} {'left' if xs.float().mean() < 32 else 'right'}"
-    assert sample["options"][sample["answer"]] == quadrant
+    assert sample.options[sample.answer] == quadrant
 
 
 def test_learnability_run_prints_held_out_accuracy_per_category(monkeypatch, capsys):

@@ -80,8 +80,12 @@ def test_fsdp_config_trains_two_cpu_processes_and_saves_shards(run_dir):
     model, _ = load_model(str(run_dir / "single.ckpt"), config=str(run_dir / "runs/sft/config.yaml"))
     torch.testing.assert_close(model.state_dict()["llm.model.lm_head.weight"],
                                checkpoint["state_dict"]["llm.model.lm_head.weight"])
-    storm_fit("--config", "conf/sft.yaml", *FAST, "--trainer.max_steps=4",
-              "--trainer.callbacks.init_args.dirpath=runs/one", f"--ckpt_path={run_dir / 'single.ckpt'}")
+    # two readers' positions cannot carry over to one process: refused, unless a new data order is accepted
+    args = ("--config", "conf/sft.yaml", *FAST, "--trainer.max_steps=4", "--trainer.callbacks.init_args.dirpath=runs/one",
+            f"--ckpt_path={run_dir / 'single.ckpt'}")
+    refused = storm_fit(*args, check=False)
+    assert refused.returncode == 2 and "data.allow_data_restart=true" in refused.stderr
+    storm_fit(*args, "--data.allow_data_restart=true")
     assert torch.load(run_dir / "runs/one/last.ckpt", weights_only=True)["global_step"] == 4
 
 

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from storm_lightning.data import ShardSource
-from storm_lightning.data.datamodule import SampleProcessor, ShardStream
+from storm_lightning.data.samples import SampleProcessor
+from storm_lightning.data.stream import ShardStream
 from storm_lightning.data.synth import encode_mp4
 from tests.conftest import TOKENIZER
 from tests.test_data import conv, png, write_tar
@@ -70,7 +71,7 @@ def test_fault_case(tmp_path, case):
     shard = write_tar(tmp_path / "f-000000.tar", {"a_good": {"json": conv(), "png": png()}, "b_case": entries,
                                                   "c_good": {"json": conv(), "png": png()}})
     stream = stream_of(shard)
-    keys = [s["key"] for s in stream]
+    keys = [s.key for s in stream]
     assert keys == (["a_good", "b_case", "c_good"] if kept else ["a_good", "c_good"])
     assert stream.bad["s"] == (0 if kept else 1)
 

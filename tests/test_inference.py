@@ -50,14 +50,36 @@ def test_checkpoint_reloads_and_storm_chat_answers(run_dir, tmp_path):
            "--temporal-sample", "2", "--max-new-tokens", "8"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[32 of 32 frames, 512 visual tokens -> 256 after compression]" in proc.stderr
+    assert "[32 of 32 frames (0.0-3.9 s), 512 visual tokens -> 256 after compression]" in proc.stderr
     # what was streamed is the greedy answer of the same model on the same frames
-    from storm_lightning.data.media import decode_video
+    from storm_lightning.data.video import FrameSampling, read_video
 
     sampled, _ = load_model(str(ckpt), compressors=[TemporalSample(2)])
-    pixels, _, _ = decode_video(video, 32, sampled.vision.image_size)
+    pixels = read_video(video, FrameSampling(frames=32), sampled.vision.image_size).frames
     expected = generate(sampled, "Describe what happens in the video.", pixels, max_new_tokens=8, stream=False)
     assert proc.stdout.strip() == expected
+
+    # the same clip as a folder of extracted frames (8 fps): the same frames, the same answer
+    from PIL import Image
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, frame in enumerate(pixels):
+        Image.fromarray(frame.permute(1, 2, 0).numpy()).save(folder / f"frame_{i}.png")
+    as_folder = [arg if arg != str(tmp_path / "clip.mp4") else str(folder) for arg in cmd] + ["--folder-fps", "8"]
+    proc = subprocess.run(as_folder, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[32 of 32 frames (0.0-3.9 s)" in proc.stderr and proc.stdout.strip() == expected
+
+    # the user's mistakes: one line each, exit status 2
+    (tmp_path / "notes.mp4").write_text("not a video")
+    for args, message in ((["--video", str(tmp_path / "nope.mp4")], "no such file"),
+                          (["--video", str(tmp_path / "notes.mp4")], "notes.mp4"),
+                          (["--video", str(tmp_path / "clip.mp4"), "--frames", "0"], "--frames must be >= 1"),
+                          (["--image", str(tmp_path / "clip.mp4")], "--image")):
+        bad = subprocess.run(cmd[:5] + args + ["--prompt", "hi"], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+        assert bad.stderr.startswith("storm-chat: ") and message in bad.stderr and len(bad.stderr.splitlines()) == 1
 
     # storm-export round trip: same weights, same answers
     from storm_lightning.cli import export_main

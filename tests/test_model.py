@@ -7,6 +7,8 @@ import torch
 
 from storm_lightning.compressors import SpatialAveragePool, TemporalAveragePool, TemporalSample
 from storm_lightning.data import ShardSource, StormDataModule
+from storm_lightning.data.batching import collate
+from storm_lightning.data.samples import Sample
 from storm_lightning.downsamplers import PixelShuffleDownsampler
 from storm_lightning.errors import ConfigError
 from storm_lightning.llm import HFCausalLM
@@ -37,29 +39,21 @@ def make_batch(model, frames=(4, 1, 0)):
         ids, labels = encode_conversation(tok, [{"from": "human", "value": f"{tag}What happens?"},
                                                 {"from": "gpt", "value": "a red circle moves left."}], 512)
         rows.append((torch.tensor(ids), torch.tensor(labels)))
-        if t:
-            pixel_values.append(torch.randint(0, 255, (t, 3, 32, 32), dtype=torch.uint8))
-    length = max(len(r[0]) for r in rows)
-    input_ids = torch.zeros(len(rows), length, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)], labels[i, : len(ids)], mask[i, : len(ids)] = ids, lab, 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
-            "pixel_values": torch.cat(pixel_values) if pixel_values else None,
-            "frames_per_sample": torch.tensor(frames)}
+        pixel_values.append(torch.randint(0, 255, (t, 3, 32, 32), dtype=torch.uint8) if t else None)
+    return collate([Sample(key=f"s{i}", source="test", input_ids=ids, labels=lab, pixel_values=pixels)
+                    for i, ((ids, lab), pixels) in enumerate(zip(rows, pixel_values))], pad_id=0)
 
 
 def test_visual_tokens_replace_placeholders():
     model = tiny(compressors=[TemporalAveragePool(2)])
     batch = make_batch(model, frames=(4, 1, 0))
     inputs, attention, labels = model.build_inputs(batch)
-    text_lengths = batch["attention_mask"].sum(1)
+    text_lengths = batch.attention_mask.sum(1)
     # 4x4 patches -> 2x2 tokens per frame; 4 frames pooled by 2 -> 2 frames -> 8 tokens; an image -> 4
     assert attention.sum(1).tolist() == [text_lengths[0] - 1 + 8, text_lengths[1] - 1 + 4, text_lengths[2]]
     assert inputs.shape == (3, int(attention.sum(1).max()), 32)
     # visual tokens never carry a label; assistant tokens keep theirs
-    assert (labels != IGNORE_INDEX).sum() == (batch["labels"] != IGNORE_INDEX).sum()
+    assert (labels != IGNORE_INDEX).sum() == (batch.labels != IGNORE_INDEX).sum()
 
 
 def test_forward_loss_and_backward_through_every_component():
@@ -90,9 +84,9 @@ def test_loss_weighting_averages_tokens_samples_or_square_roots():
     model = tiny()
     batch = make_batch(model, frames=(4, 1, 0))
     # sample 0 keeps only its last two targets (like a letter + <|im_end|>), the others keep all of theirs
-    answer = (batch["labels"][0] != IGNORE_INDEX).nonzero().flatten()
-    batch["labels"][0, answer[:-2]] = IGNORE_INDEX
-    counts = (batch["labels"] != IGNORE_INDEX).sum(1).float()
+    answer = (batch.labels[0] != IGNORE_INDEX).nonzero().flatten()
+    batch.labels[0, answer[:-2]] = IGNORE_INDEX
+    counts = (batch.labels != IGNORE_INDEX).sum(1).float()
     assert counts[0] == 2 and counts[1] > 5
     losses = {}
     with torch.no_grad():
@@ -215,13 +209,12 @@ def test_nonfinite_loss_in_a_row_stops_the_run():
         fit_tiny(model, steps=10)
 
 
-def test_setup_tells_the_datamodule_visual_tokens_after_compression():
-    dm = StormDataModule([ShardSource("v", str(SHARDS / "train/video32-000000.tar"), frames_per_clip=8)],
-                         tokenizer_path=TOKENIZER, image_size=32, token_budget=1000)
-    model = tiny(compressors=[TemporalAveragePool(4)])  # 2 x 2 tokens per frame
-    fake_trainer(model, dm)
-    model.setup("fit")
-    assert dm.visual_tokens == {1: 4, 8: 8}
+def test_the_model_counts_visual_tokens_after_compression_for_the_data_module():
+    import pickle
+
+    model = tiny(compressors=[TemporalAveragePool(4), TemporalSample(2)])  # 2 x 2 tokens per frame
+    count = pickle.loads(pickle.dumps(model.visual_token_count))  # what data workers receive
+    assert [count(1), count(8), count(6)] == [4, 8, 8]  # sampling is off in training
 
 
 def test_choice_scores_read_the_position_that_predicts_the_answer_letter():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from storm_lightning.data import ShardSource
-from storm_lightning.data.datamodule import SampleProcessor, ShardStream
+from storm_lightning.data.samples import SampleProcessor
+from storm_lightning.data.stream import ShardStream
 from tests.conftest import TOKENIZER
 
 
@@ -39,7 +40,7 @@ def test_pickle_entries_in_shards_are_never_unpickled(tmp_path):
     stream = ShardStream([ShardSource("evil", str(shard))], [[str(shard)]], SampleProcessor(TOKENIZER, 16, 256),
                          infinite=False)
     samples = list(stream)
-    assert [s["key"] for s in samples] == ["s0", "s1"]  # ...but here it is only bytes, never loaded
+    assert [s.key for s in samples] == ["s0", "s1"]  # ...but here it is only bytes, never loaded
     assert not marker.exists()
 
 
@@ -177,8 +178,6 @@ def test_storm_fit_refuses_a_sharded_checkpoint_that_would_run_code(run_dir, mar
 
 def test_shard_named_like_a_pipe_is_read_as_a_file(tmp_path, monkeypatch, marker):
     """webdataset runs a URL beginning with 'pipe:' as a shell command; a relative glob can yield one."""
-    from storm_lightning.data.datamodule import SampleProcessor, ShardStream
-
     from tests.test_data import conv, write_tar
 
     monkeypatch.chdir(tmp_path)
@@ -187,4 +186,4 @@ def test_shard_named_like_a_pipe_is_read_as_a_file(tmp_path, monkeypatch, marker
     source = ShardSource("p", "pipe:*.tar")
     stream = ShardStream([source], [source.shard_paths("data.train_sources[0].shards")],
                          SampleProcessor(TOKENIZER, 16, 256), infinite=False)
-    assert [s["key"] for s in stream] == ["s0"]
+    assert [s.key for s in stream] == ["s0"]

@@ -1,4 +1,5 @@
-"""Decoding media bytes into uint8 frames ``(T, 3, S, S)``: Pillow for images, PyAV for videos.
+"""Decoding images into uint8 frames ``(1, 3, S, S)`` with Pillow, and the helpers the video reader
+(``storm_lightning.data.video``) shares: uniform frame indices, RGB conversion, antialiased resizing.
 
 Frames stay uint8 until they reach the model, which normalises them for its vision backbone (4x less
 memory in the data workers and between processes).
@@ -17,7 +18,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 
 
-def _resize(frames: np.ndarray, size: int) -> torch.Tensor:
+def resize_frames(frames: np.ndarray, size: int) -> torch.Tensor:
     """(T, H, W, 3) uint8 -> (T, 3, size, size) uint8, antialiased bilinear (aspect ratio not kept)."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     if x.shape[-2:] != (size, size):
@@ -26,7 +27,7 @@ def _resize(frames: np.ndarray, size: int) -> torch.Tensor:
     return x.contiguous()
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
+def to_rgb(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: rescale to 8 bits, not clip
         arr = np.asarray(img, dtype=np.float64)
         hi = arr.max() or 1.0
@@ -42,7 +43,7 @@ def decode_image(data: bytes, size: int) -> torch.Tensor:
     """Image bytes -> (1, 3, size, size) uint8."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        return _resize(_to_rgb(img)[None], size)
+        return resize_frames(to_rgb(img)[None], size)
 
 
 def uniform_indices(total: int, num: int) -> list[int]:
@@ -51,28 +52,3 @@ def uniform_indices(total: int, num: int) -> list[int]:
     if total <= 0:
         raise ValueError("video has no frames")
     return [min(total - 1, int((i + 0.5) * total / num)) for i in range(num)]
-
-
-def decode_video(data: bytes, num_frames: int, size: int) -> tuple[torch.Tensor, list[int], int]:
-    """Video bytes -> ((num_frames, 3, size, size) uint8, the frame indices taken, frames in the clip)."""
-    import av
-
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        declared = stream.frames
-        if declared > 0:  # decode only up to the last needed frame
-            wanted = uniform_indices(declared, num_frames)
-            kept: dict[int, np.ndarray] = {}
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    kept[i] = frame.to_ndarray(format="rgb24")
-                if i >= wanted[-1]:
-                    break
-            if len(kept) == len(set(wanted)):
-                return _resize(np.stack([kept[i] for i in wanted]), size), wanted, declared
-    # no frame count in the container, or it over-declared it: decode every frame
-    with av.open(io.BytesIO(data)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])]
-    wanted = uniform_indices(len(frames), num_frames)
-    return _resize(np.stack([frames[i] for i in wanted]), size), wanted, len(frames)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storm_lightning.data.records import multiple_choice_prompt
 from storm_lightning.tokenizer import OPTION_LETTERS, ROLES
 
 COLORS = {
@@ -36,12 +37,6 @@ SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # where image_frame puts the shape
 BACKGROUND = (25, 25, 25)
-MC_SUFFIX = "Answer with the option's letter from the given choices directly."
-
-
-def multiple_choice_prompt(question: str, options: list[str]) -> str:
-    lines = [question] + [f"{OPTION_LETTERS[i]}. {o}" for i, o in enumerate(options)] + [MC_SUFFIX]
-    return "\n".join(lines)
 
 
 def _draw(canvas: np.ndarray, shape: str, color: tuple, cy: float, cx: float, radius: float) -> None:

@@ -1,0 +1,172 @@
+"""A raw shard sample -> a model-ready ``Sample``: validate the record, decode its medium, tokenize.
+
+The medium of a sample is at most one of: an image entry (``jpg``, ``png``, ...), a video file entry
+(``mp4``, ``mkv``, ``webm``, ...) or a frame-folder video (entries ``frame-000000.jpg``,
+``frame-000001.jpg``, ... in name order, ``docs/data.md``). Videos are read by
+``storm_lightning.data.video`` (seeking, bounded memory); the record's ``start``/``end`` bound the clip,
+and a clip that ``storm-shards convert --frames`` already sampled carries the source video's
+``frame_indices``/``timestamps``, which replace the clip's own.
+
+Any problem raises (``BadRecord``, ``VideoReadError``, ...): the stream skips and counts the sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from storm_lightning.data.media import IMAGE_EXTS, VIDEO_EXTS, decode_image
+from storm_lightning.data.records import BadRecord, parse_record, validate_record
+from storm_lightning.data.shards import RawSample, TarMember, entry_bytes
+from storm_lightning.data.video import FrameSampling, ReadLimits, read_frame_folder, read_video
+from storm_lightning.tokenizer import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    encode_conversation,
+    load_tokenizer,
+    max_chars_for,
+    media_token_ids,
+)
+
+FRAME_PREFIX = "frame-"  # frame-folder entries: <key>.frame-000000.jpg
+
+
+@dataclass
+class Sample:
+    """One sample, ready to batch. ``input_ids``/``labels``: (L,), labels -100 except assistant tokens.
+    ``pixel_values``: (T, 3, S, S) uint8 (T = 1 for an image) or None. ``frame_indices``/``timestamps``:
+    each frame's index in the source video and its time in seconds. ``clip_frames``: frames of the
+    source clip (1 for an image, 0 for text). ``skipped``: bad samples of each source met since the
+    previous good one (the stream's count, carried to the batch)."""
+
+    key: str
+    source: str
+    input_ids: Tensor
+    labels: Tensor
+    pixel_values: Tensor | None = None
+    frame_indices: list[int] = field(default_factory=list)
+    timestamps: list[float] = field(default_factory=list)
+    clip_frames: int = 0
+    options: list[str] | None = None
+    answer: int | None = None
+    category: str | None = None
+    duration: str | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def frames(self) -> int:
+        return 0 if self.pixel_values is None else len(self.pixel_values)
+
+
+class _LazyFrames(Sequence):
+    """A frame folder's entries, read only when the reader asks for that frame."""
+
+    def __init__(self, entries: list) -> None:
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        return entry_bytes(self.entries[i])
+
+
+@dataclass
+class SampleProcessor:
+    """Raw shard samples -> ``Sample``. ``frames_per_clip``, when set, replaces every source's (evaluation
+    on more frames). ``limits``: what one video read may cost (``data.video_limits``)."""
+
+    tokenizer_path: str
+    image_size: int
+    max_length: int
+    frames_per_clip: int | None = None
+    limits: ReadLimits = field(default_factory=ReadLimits)
+    _tokenizer: object = field(default=None, init=False, repr=False)
+    _max_chars: int = field(default=0, init=False, repr=False)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:  # loaded lazily, once per worker process
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+            self._max_chars = max_chars_for(self._tokenizer, self.max_length)
+        return self._tokenizer
+
+    def __call__(self, raw: RawSample, source) -> Sample:
+        """``source``: the ``ShardSource`` the sample came from (its name and video sampling)."""
+        if raw.problem:
+            raise BadRecord(*raw.problem.split(": ", 1))
+        if "json" not in raw.entries:
+            raise BadRecord("no_json", f"entries {sorted(raw.entries)}")
+        tokenizer = self.tokenizer
+        meta = parse_record(entry_bytes(raw.entries["json"]))
+        images = [e for e in raw.entries if e in IMAGE_EXTS]
+        videos = [e for e in raw.entries if e in VIDEO_EXTS]
+        frames = sorted(e for e in raw.entries if e.startswith(FRAME_PREFIX))
+        kinds = bool(images) + bool(videos) + bool(frames)
+        if kinds > 1 or len(images) > 1 or len(videos) > 1:
+            raise BadRecord("several_media", f"entries {sorted(raw.entries)}: one medium per sample")
+        record = validate_record(meta, has_media=kinds == 1, max_chars=self._max_chars)
+
+        pixel_values, indices, timestamps, clip_frames, placeholder = None, [], [], 0, VIDEO_TOKEN
+        if images:
+            pixel_values = decode_image(entry_bytes(raw.entries[images[0]]), self.image_size)
+            indices, timestamps, clip_frames, placeholder = [0], [0.0], 1, IMAGE_TOKEN
+        elif videos or frames:
+            sampling = FrameSampling(frames=self.frames_per_clip or source.frames_per_clip,
+                                     fps=None if self.frames_per_clip else source.fps,
+                                     max_frames=source.max_frames, start=record.start, end=record.end)
+            if videos:
+                clip = self._read_video(raw.entries[videos[0]], sampling)
+            else:
+                fps = meta.get("fps", 1.0)
+                if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+                    raise BadRecord("bad_fps", f"fps={fps!r}")
+                clip = read_frame_folder(_LazyFrames([raw.entries[e] for e in frames]), sampling, self.image_size,
+                                         fps=float(fps), limits=self.limits)
+            pixel_values, indices, timestamps, clip_frames = clip.frames, clip.indices, clip.timestamps, clip.total_frames
+            indices, timestamps = _source_positions(meta, indices, timestamps)
+
+        conversations = record.conversations
+        if pixel_values is not None:
+            conversations = [dict(t) for t in conversations]
+            first_user = next(t for t in conversations if t["from"] in ("human", "user"))
+            if record.placeholders == 0:  # LLaVA convention: the medium goes first
+                first_user["value"] = f"{placeholder}\n{first_user['value']}"
+            else:  # either placeholder word works for either medium
+                for turn in conversations:
+                    turn["value"] = turn["value"].replace(IMAGE_TOKEN, placeholder).replace(VIDEO_TOKEN, placeholder)
+        ids, labels = encode_conversation(tokenizer, conversations, self.max_length)
+        if pixel_values is not None and not set(media_token_ids(tokenizer)) & set(ids):
+            raise BadRecord("truncated", f"media placeholder cut off by max_length={self.max_length}")
+        if all(label == IGNORE_INDEX for label in labels):
+            raise BadRecord("truncated", f"no assistant token left within max_length={self.max_length}")
+        return Sample(key=raw.key, source=source.name, input_ids=torch.tensor(ids), labels=torch.tensor(labels),
+                      pixel_values=pixel_values, frame_indices=indices, timestamps=timestamps,
+                      clip_frames=clip_frames, options=record.options, answer=record.answer,
+                      category=record.category, duration=record.duration)
+
+    def _read_video(self, entry, sampling: FrameSampling):
+        if isinstance(entry, TarMember):  # a large video stays on disk: PyAV reads the parts it needs
+            with entry.open() as file:
+                return read_video(file, sampling, self.image_size, self.limits)
+        return read_video(entry, sampling, self.image_size, self.limits)
+
+
+def _source_positions(meta: dict, indices: list[int], timestamps: list[float]) -> tuple[list[int], list[float]]:
+    """A clip that convert already sampled from a longer video: its frame ``i`` is the source video's
+    ``meta["frame_indices"][i]``, at ``meta["timestamps"][i]`` seconds."""
+    mapped = []
+    for key, own in (("frame_indices", indices), ("timestamps", timestamps)):
+        table = meta.get(key)
+        if table is None:
+            mapped.append(own)
+            continue
+        if (not isinstance(table, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in table) or max(indices) >= len(table)):
+            raise BadRecord("bad_frame_table", f"{key} does not cover the clip's {max(indices) + 1} frames")
+        mapped.append([table[i] for i in indices])
+    return [int(i) for i in mapped[0]], [float(t) for t in mapped[1]]

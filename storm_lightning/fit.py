@@ -1,0 +1,97 @@
+"""``storm-fit``: LightningCLI with STORM's model and data module, one-line config errors, atomic
+checkpoint saves, and a SIGTERM that stops the run wherever it is."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from storm_lightning.checkpoint import AtomicCheckpointIO
+from storm_lightning.data import StormDataModule
+from storm_lightning.errors import one_line_errors
+from storm_lightning.host_memory import keep_freed_memory
+from storm_lightning.model import StormModel
+
+
+def config_error(message: str) -> None:
+    """One line on stderr, exit status 2: a config error needs its key named, not a traceback."""
+    text = " ".join(line.strip() for line in str(message).strip().splitlines())
+    sys.stderr.write(f"storm-fit: config error: {text}\n")
+    sys.exit(2)
+
+
+# `storm-fit fit` writes the run's config.yaml; the other subcommands record theirs beside it under
+# another name, so that evaluating with other frames or compressors never changes what storm-chat,
+# storm-export and a resumed run read as the trained model's config
+def config_filename(subcommand: str) -> str:
+    return "config.yaml" if subcommand == "fit" else f"{subcommand}_config.yaml"
+
+
+class StormArgumentParser(LightningArgumentParser):
+    """Parse errors (unknown key, wrong type) as one line instead of the whole usage text."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse probing internally: keep its behaviour
+            return super().error(message, ex)
+        config_error(f"{message} (`storm-fit fit --help` lists every key)")
+
+
+class StormCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # one tokenizer for data and model: set data.tokenizer_path only
+        parser.link_arguments("data.tokenizer_path", "model.tokenizer_path")
+        # batching by token budget counts each clip's visual tokens as the model's compressors leave them
+        parser.link_arguments("model", "data.visual_tokens", compute_fn=lambda model: model.visual_token_count,
+                              apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make saves atomic
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if isinstance(trainer.accelerator, CPUAccelerator) and keep_freed_memory():  # see host_memory
+            rank_zero_info("Host memory: freed blocks are kept for reuse, not returned to the OS "
+                           "(faster CPU steps; STORM_KEEP_FREED_MEMORY=0 turns this off)")
+        return trainer
+
+
+class Terminated(BaseException):
+    """SIGTERM: stop now, wherever the run is, data loading included. Lightning alone would stop only at
+    the next step boundary, which a stalled data loader never reaches. Checkpoint saves are atomic
+    (``AtomicCheckpointIO``), so stopping anywhere leaves no half-written file."""
+
+
+def _terminate(signum, frame) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked data worker: leave quietly, the main process stops the run
+        sys.exit(128 + signum)
+    raise Terminated(signum)
+
+
+_MAIN_PID = os.getpid()
+
+
+def fit_main(args: list[str] | None = None) -> None:
+    """``storm-fit [fit|validate|test|predict] --config conf/sft.yaml [--key=value ...]``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] not in ("fit", "validate", "test", "predict", "-h", "--help"):
+        argv = ["fit", *argv]  # `storm-fit --config x.yaml` means fit
+    sys.argv = [sys.argv[0], *argv]
+    subcommand = argv[0] if argv[0] in ("fit", "validate", "test", "predict") else "fit"
+    # a UserError is raised while building components, in StormModel.setup (before any data), or when
+    # a checkpoint is refused
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
+    signal.signal(signal.SIGTERM, _terminate)  # Lightning adds its own handler in front of it
+    try:
+        with one_line_errors("storm-fit"):
+            StormCLI(StormModel, StormDataModule, parser_class=StormArgumentParser, auto_configure_optimizers=False,
+                     save_config_kwargs={"overwrite": True, "config_filename": config_filename(subcommand)})
+    except Terminated:
+        sys.stderr.write("storm-fit: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path\n")
+        sys.exit(128 + signal.SIGTERM)
