@@ -179,7 +179,8 @@ def _chat(opts: argparse.Namespace) -> None:
             pixels = decode_image(Path(opts.image).read_bytes(), size)
     except (VideoReadError, OSError, ValueError) as exn:  # not a video or image: the user's file, one line
         raise UserError(f"--{'video' if opts.video else 'image'} {media}: {' '.join(str(exn).split())}") from None
-    generate(model, opts.prompt, pixels, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature)
+    generate(model, opts.prompt, pixels, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+             stream=True)
 
 
 def export_main(args: list[str] | None = None) -> None:

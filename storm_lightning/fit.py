@@ -46,6 +46,7 @@ class StormCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # one tokenizer for data and model: set data.tokenizer_path only
         parser.link_arguments("data.tokenizer_path", "model.tokenizer_path")
+        parser.link_arguments("data.system_prompt", "model.system_prompt")  # and one chat format
         # batching by token budget counts each clip's visual tokens as the model's compressors leave them
         parser.link_arguments("model", "data.visual_tokens", compute_fn=lambda model: model.visual_token_count,
                               apply_on="instantiate")

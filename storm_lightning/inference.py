@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from storm_lightning.compressors import Compressor
-from storm_lightning.errors import MissingPathError
+from storm_lightning.errors import ConfigError, MissingPathError
 from storm_lightning.model import StormModel
 from storm_lightning.data.batching import Batch
 from storm_lightning.tokenizer import IM_END, IMAGE_TOKEN, VIDEO_TOKEN, encode_prompt
@@ -39,18 +39,25 @@ def model_config(config: str) -> tuple[dict, dict]:
     sections = load_config(config)
     model_cfg = dict(sections["model"])
     model_cfg["init_from"] = None  # weights come from the checkpoint being loaded, not the previous stage
-    model_cfg["tokenizer_path"] = sections["data"].get("tokenizer_path", model_cfg.get("tokenizer_path"))
+    for key in ("tokenizer_path", "system_prompt"):  # linked from the data section by storm-fit
+        model_cfg[key] = sections["data"].get(key, model_cfg.get(key))
     return model_cfg, sections["data"]
 
 
-def instantiate(model_cfg: dict, compressors: list[Compressor] | None = None) -> StormModel:
-    """A StormModel (random weights) from a model config dict; ``compressors`` replaces the chain."""
-    from jsonargparse import ArgumentParser
+def instantiate(model_cfg: dict, compressors: list[Compressor] | None = None, source: str = "config") -> StormModel:
+    """A StormModel (random weights) from a model config dict; ``compressors`` replaces the chain.
+    ``source`` names the file the config came from, for errors."""
+    from jsonargparse import ArgumentError, ArgumentParser
 
     model_cfg = dict(model_cfg, compressors=[] if compressors is not None else model_cfg.get("compressors", []))
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(StormModel, "model")
-    model = parser.instantiate(parser.parse_object({"model": model_cfg})).model
+    try:
+        model = parser.instantiate(parser.parse_object({"model": model_cfg})).model
+    except ConfigError:
+        raise
+    except (ArgumentError, ValueError, TypeError, ImportError) as exn:  # not a component, a wrong value
+        raise ConfigError(f"{source}: the model section does not build: {' '.join(str(exn).split())[:400]}") from None
     if compressors is not None:
         model.compressors = torch.nn.ModuleList(compressors)
         model._check_sizes()
@@ -60,7 +67,7 @@ def instantiate(model_cfg: dict, compressors: list[Compressor] | None = None) ->
 def build_model(config: str, compressors: list[Compressor] | None = None) -> tuple[StormModel, dict]:
     """A StormModel from a storm-fit config, random weights, and the config's data section."""
     model_cfg, data = model_config(config)
-    return instantiate(model_cfg, compressors), data
+    return instantiate(model_cfg, compressors, source=config), data
 
 
 def load_model(checkpoint: str, config: str | None = None, compressors: list[Compressor] | None = None):
@@ -70,10 +77,19 @@ def load_model(checkpoint: str, config: str | None = None, compressors: list[Com
         return from_pretrained(checkpoint, compressors), {}
     if not Path(checkpoint).is_file():
         raise MissingPathError(f"--checkpoint: no such file '{checkpoint}'")
-    model, data = build_model(str(config or find_config(checkpoint)), compressors)
+    config = str(config or find_config(checkpoint))
+    model, data = build_model(config, compressors)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model.load_state_dict(state.get("state_dict", state))
+    _load_weights(model, state.get("state_dict", state), f"{checkpoint} does not fit the model of {config}")
     return model.eval(), data
+
+
+def _load_weights(model: StormModel, state: dict, what: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exn:  # missing, unexpected or differently shaped weights
+        detail = " ".join(str(exn).split())
+        raise ConfigError(f"{what}: {detail[:300]}{' ...' if len(detail) > 300 else ''}") from None
 
 
 EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
@@ -107,10 +123,16 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
     root = Path(directory)
     if not (root / EXPORT_CONFIG).is_file():
         raise MissingPathError(f"'{directory}' is not a storm-export directory (no {EXPORT_CONFIG})")
-    model_cfg = json.loads((root / EXPORT_CONFIG).read_text())["model"]
-    model_cfg["tokenizer_path"] = str(root / model_cfg["tokenizer_path"])
-    model = instantiate(model_cfg, compressors)
-    load_safetensors(model, str(root / EXPORT_WEIGHTS), strict=True)
+    try:
+        model_cfg = dict(json.loads((root / EXPORT_CONFIG).read_text())["model"])
+        model_cfg["tokenizer_path"] = str(root / model_cfg["tokenizer_path"])
+    except (ValueError, KeyError, TypeError) as exn:
+        raise ConfigError(f"{root / EXPORT_CONFIG}: not a storm-export config ({type(exn).__name__}: {exn})") from None
+    model = instantiate(model_cfg, compressors, source=str(root / EXPORT_CONFIG))
+    missing, unexpected = load_safetensors(model, str(root / EXPORT_WEIGHTS), strict=False)  # tied weights: once
+    if missing or unexpected:
+        raise ConfigError(f"{root / EXPORT_WEIGHTS} does not fit {root / EXPORT_CONFIG}: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
     return model.eval()
 
 
@@ -120,21 +142,38 @@ def media_batch(model: StormModel, prompt: str, pixel_values: torch.Tensor | Non
         tag = VIDEO_TOKEN if len(pixel_values) > 1 else IMAGE_TOKEN
         if IMAGE_TOKEN not in prompt and VIDEO_TOKEN not in prompt:
             prompt = f"{tag}\n{prompt}"
-    return Batch.prompt(encode_prompt(model.tokenizer, [{"from": "human", "value": prompt}]), pixel_values)
+    ids = encode_prompt(model.tokenizer, [{"from": "human", "value": prompt}], model.hparams.system_prompt)
+    return Batch.prompt(ids, pixel_values)
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """The tokens that end an answer: the chat template's end of turn and the tokenizer's end of text."""
+    ids = {tokenizer.convert_tokens_to_ids(IM_END) if IM_END in tokenizer.get_vocab() else None, tokenizer.eos_token_id}
+    return {i for i in ids if i is not None}
 
 
 @torch.no_grad()
 def generate(model: StormModel, prompt: str, pixel_values: torch.Tensor | None = None, max_new_tokens: int = 64,
-             temperature: float = 0.0, stream: bool = True) -> str:
-    """Answer ``prompt`` about ``pixel_values`` ((T, 3, S, S) uint8, or None). Greedy at temperature 0."""
-    from transformers import TextStreamer
-
+             temperature: float = 0.0, stream: bool = False, until: tuple[str, ...] = ()) -> str:
+    """Answer ``prompt`` about ``pixel_values`` ((T, 3, S, S) uint8, or None): greedy at temperature 0,
+    with the KV cache (``CausalLM.generate``). ``stream`` prints the answer as it comes; the answer ends
+    before the first of the ``until`` strings."""
     inputs, attention, _ = model.build_inputs(media_batch(model, prompt, pixel_values))
     tok = model.tokenizer
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
-    out = model.llm.model.generate(
-        inputs_embeds=inputs, attention_mask=attention, max_new_tokens=max_new_tokens, use_cache=True,
-        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-        eos_token_id=tok.convert_tokens_to_ids(IM_END), pad_token_id=tok.pad_token_id, streamer=streamer,
-    )
-    return tok.decode(out[0], skip_special_tokens=True).strip()
+    shown = 0
+
+    def on_token(tokens: list[int]) -> bool:
+        nonlocal shown
+        text = tok.decode(tokens, skip_special_tokens=True)
+        if stream and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[shown:], end="", flush=True)
+            shown = len(text)
+        return any(stop in text for stop in until)
+
+    tokens = model.llm.generate(inputs, attention, max_new_tokens, stop_token_ids(tok), temperature, on_token)
+    text = tok.decode(tokens, skip_special_tokens=True)
+    if stream:
+        print(text[shown:], flush=True)
+    for stop in until:
+        text = text.split(stop)[0]
+    return text.strip()

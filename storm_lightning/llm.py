@@ -4,10 +4,14 @@ Interface (``CausalLM``)::
 
     forward(input_ids (B, L), attention_mask (B, L), visual_mask (B, L), visual (V, hidden_size),
             head_mask (B, L)) -> (hidden (B, L, hidden_size), logits (head_mask.sum(), vocab))
+    prefill(embeds (B, L, hidden_size), attention_mask (B, L)) -> (next-token logits (B, vocab), cache)
+    step(tokens (B,), attention_mask (B, L + t), cache) -> (next-token logits (B, vocab), cache)
+    generate(embeds (1, L, hidden_size), attention_mask (1, L), ...) -> new token ids
 
 Visual tokens are written into the embeddings where ``visual_mask`` is set, in row-major order, and
 the LM head runs only where ``head_mask`` is set. Everything happens in this one call so that, under
 FSDP2, the root parameters (embeddings, final norm, tied head) are gathered exactly once per step.
+``prefill``/``step`` are generation with the KV cache (storm-chat, storm-profile, the lmms-eval adapter).
 
 Built from typed size arguments (random weights; the tiny default is a Qwen2) or loaded with
 ``from_pretrained(pretrained_path)`` from a local directory. ``trust_remote_code`` is never set.
@@ -15,8 +19,12 @@ Built from typed size arguments (random weights; the tiny default is a Qwen2) or
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from storm_lightning.errors import ConfigError, MissingPathError
@@ -51,6 +59,51 @@ class CausalLM(nn.Module):
         """The blocks FSDP shards one by one (the decoder layers)."""
         return list(self.model.get_decoder().layers)
 
+    @functools.cached_property
+    def _cache_key(self) -> str:
+        """transformers renamed ``past_key_values`` to ``cache`` (5.x); use whichever this version takes."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def prefill(self, embeds: Tensor, attention_mask: Tensor) -> tuple[Tensor, object]:
+        """Run a prompt given as embeddings: (logits of the token after it (B, vocab), the KV cache)."""
+        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], getattr(out, self._cache_key)
+
+    def step(self, tokens: Tensor, attention_mask: Tensor, cache) -> tuple[Tensor, object]:
+        """Feed one token per row (B,); ``attention_mask`` covers everything so far, the new token
+        included. Returns (logits of the next token (B, vocab), the cache)."""
+        out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, use_cache=True,
+                         **{self._cache_key: cache})
+        cache = getattr(out, self._cache_key)
+        # a cache the model stopped reading (a renamed argument) would silently decode without context
+        if hasattr(cache, "get_seq_length") and cache.get_seq_length() != attention_mask.shape[1]:
+            raise RuntimeError(f"the KV cache holds {cache.get_seq_length()} positions, expected "
+                               f"{attention_mask.shape[1]}: this transformers version ignores the cache argument")
+        return out.logits[:, -1], cache
+
+    @torch.no_grad()
+    def generate(self, embeds: Tensor, attention_mask: Tensor, max_new_tokens: int, stop_ids: set[int],
+                 temperature: float = 0.0, on_token: Callable[[list[int]], bool] | None = None) -> list[int]:
+        """Continue one prompt (B = 1): greedy at temperature 0, else sampled. Stops after
+        ``max_new_tokens``, at a token in ``stop_ids`` (not returned), or when ``on_token(tokens so far)``
+        returns True (stop strings, streaming)."""
+        assert embeds.shape[0] == 1, "generate continues one prompt"
+        logits, cache = self.prefill(embeds, attention_mask)
+        tokens: list[int] = []
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                token = int(torch.multinomial(torch.softmax(logits[0].float() / temperature, -1), 1))
+            else:
+                token = int(logits[0].argmax())
+            if token in stop_ids:
+                break
+            tokens.append(token)
+            if (on_token is not None and on_token(tokens)) or len(tokens) == max_new_tokens:
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
+            logits, cache = self.step(torch.tensor([token], device=embeds.device), attention_mask, cache)
+        return tokens
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, visual_mask: Tensor | None = None,
                 visual: Tensor | None = None, zero: Tensor | None = None, head_mask: Tensor | None = None):
         embeds = self.embed_with_visual(input_ids, visual_mask, visual, zero)
@@ -59,21 +112,35 @@ class CausalLM(nn.Module):
         return hidden, logits
 
 
+# config key -> (the transformers config attribute, the tiny default used when building from scratch)
+_LLM_SIZES = {"model_type": ("model_type", "qwen2"), "hidden_size": ("hidden_size", 128),
+              "num_layers": ("num_hidden_layers", 2), "num_heads": ("num_attention_heads", 4),
+              "num_kv_heads": ("num_key_value_heads", 2), "intermediate_size": ("intermediate_size", 384),
+              "vocab_size": ("vocab_size", 1024), "max_position_embeddings": ("max_position_embeddings", 8192),
+              "tie_word_embeddings": ("tie_word_embeddings", True)}
+
+
 class HFCausalLM(CausalLM):
     """A ``transformers`` causal LM. ``model_type`` is any ``AutoConfig`` type with the standard size
-    names (qwen2, llama, mistral, ...); ``extra_config`` passes anything else to the config."""
+    names (qwen2, llama, mistral, ...); ``extra_config`` passes anything else to the config.
+
+    Built from the size arguments (random weights; left out, the tiny default: a 2-layer, 128-wide Qwen2
+    over 1024 tokens), or loaded from ``pretrained_path`` (a local ``save_pretrained`` directory), whose
+    sizes come from its checkpoint: a size also given here must agree with it, or the build fails naming
+    the key (a config written for Qwen2-7B then checks that the directory holds one).
+    """
 
     def __init__(
         self,
-        model_type: str = "qwen2",
-        hidden_size: int = 128,
-        num_layers: int = 2,
-        num_heads: int = 4,
-        num_kv_heads: int = 2,
-        intermediate_size: int = 384,
-        vocab_size: int = 1024,
-        max_position_embeddings: int = 8192,
-        tie_word_embeddings: bool = True,
+        model_type: str | None = None,
+        hidden_size: int | None = None,
+        num_layers: int | None = None,
+        num_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        intermediate_size: int | None = None,
+        vocab_size: int | None = None,
+        max_position_embeddings: int | None = None,
+        tie_word_embeddings: bool | None = None,
         extra_config: dict | None = None,
         pretrained_path: str | None = None,
         gradient_checkpointing: bool = False,
@@ -81,34 +148,40 @@ class HFCausalLM(CausalLM):
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        given = {"model_type": model_type, "hidden_size": hidden_size, "num_layers": num_layers,
+                 "num_heads": num_heads, "num_kv_heads": num_kv_heads, "intermediate_size": intermediate_size,
+                 "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings,
+                 "tie_word_embeddings": tie_word_embeddings}
         if pretrained_path is not None:
             if not Path(pretrained_path).is_dir():
                 raise MissingPathError(
                     f"model.llm.init_args.pretrained_path: no such directory '{pretrained_path}'"
                 )
+            config = AutoConfig.from_pretrained(pretrained_path, trust_remote_code=False)
+            for key, value in given.items():
+                stored = getattr(config.get_text_config(), _LLM_SIZES[key][0], None)
+                if value is not None and value != stored:
+                    raise ConfigError(f"model.llm.init_args.{key}={value} contradicts the checkpoint in "
+                                      f"{pretrained_path} ({key}={stored}): leave it out (it is read from the "
+                                      "checkpoint) or point pretrained_path at another model")
             self.model = AutoModelForCausalLM.from_pretrained(pretrained_path, trust_remote_code=False)
         else:
-            if min(hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size, vocab_size) < 1:
+            sizes = {key: _LLM_SIZES[key][1] if value is None else value for key, value in given.items()}
+            counts = [sizes[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                                         "vocab_size")]
+            if min(counts) < 1:
                 raise ConfigError(
-                    f"model.llm.init_args: hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size and "
-                    f"vocab_size must be >= 1, got {hidden_size}, {num_layers}, {num_heads}, {num_kv_heads}, "
-                    f"{intermediate_size}, {vocab_size}"
+                    "model.llm.init_args: hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size and "
+                    f"vocab_size must be >= 1, got {', '.join(map(str, counts))}"
                 )
-            if hidden_size % num_heads or num_heads % num_kv_heads:
+            if sizes["hidden_size"] % sizes["num_heads"] or sizes["num_heads"] % sizes["num_kv_heads"]:
                 raise ConfigError(
-                    f"model.llm.init_args: hidden_size={hidden_size} must be divisible by num_heads={num_heads}, "
-                    f"and num_heads by num_kv_heads={num_kv_heads}"
+                    f"model.llm.init_args: hidden_size={sizes['hidden_size']} must be divisible by num_heads="
+                    f"{sizes['num_heads']}, and num_heads by num_kv_heads={sizes['num_kv_heads']}"
                 )
             config = AutoConfig.for_model(
-                model_type,
-                hidden_size=hidden_size,
-                num_hidden_layers=num_layers,
-                num_attention_heads=num_heads,
-                num_key_value_heads=num_kv_heads,
-                intermediate_size=intermediate_size,
-                vocab_size=vocab_size,
-                max_position_embeddings=max_position_embeddings,
-                tie_word_embeddings=tie_word_embeddings,
+                sizes.pop("model_type"),
+                **{_LLM_SIZES[key][0]: value for key, value in sizes.items()},
                 **(extra_config or {}),
             )
             self.model = AutoModelForCausalLM.from_config(config)

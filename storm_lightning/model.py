@@ -13,7 +13,6 @@ The loss is next-token cross-entropy on assistant tokens only; the LM head runs 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,7 +24,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from storm_lightning.errors import ConfigError, MissingPathError
 from storm_lightning.compressors import Compressor, TemporalAveragePool, VisualTokenCount, chain_output_shape
@@ -34,22 +32,13 @@ from storm_lightning.data.datamodule import StormDataModule
 from storm_lightning.downsamplers import Downsampler
 from storm_lightning.llm import CausalLM
 from storm_lightning.projectors import Projector
-from storm_lightning.tokenizer import IGNORE_INDEX, OPTION_LETTERS, load_tokenizer, media_token_ids
+from storm_lightning.evaluation import MultipleChoiceMetrics, choice_scores, option_token_ids
+from storm_lightning.tokenizer import IGNORE_INDEX, load_tokenizer, media_token_ids
 from storm_lightning.vision import VisionBackbone
 
 log = logging.getLogger(__name__)
 # model.loss_weighting -> p: a sample with n target tokens weighs each of them n^-p
 LOSS_WEIGHT_POWER = {"token": 0.0, "square": 0.5, "sample": 1.0}
-
-
-def clip_bucket(frames: int) -> str:
-    """Clip-length bucket for accuracy reports: frames of the source clip."""
-    if frames <= 1:
-        return "image" if frames == 1 else "text"
-    for upper in (16, 64, 256, 1024):
-        if frames <= upper:
-            return f"le{upper}"
-    return "gt1024"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -64,6 +53,8 @@ class StormModel(L.LightningModule):
         vision, downsampler, projector, llm: the components (``class_path`` + ``init_args`` in YAML).
         compressors: applied in order after the projector; ``[]`` for none.
         tokenizer_path: the tokenizer directory (linked from ``data.tokenizer_path`` by ``storm-fit``).
+        system_prompt: opens every conversation without a system turn (linked from ``data.system_prompt``;
+            kept here so that generation prompts the model as it was trained).
         freeze_*: keep that component's weights fixed (``projector`` includes the downsampler).
         lr_*: peak learning rate of each component; warmup for ``warmup_steps``, then cosine decay to
             ``min_lr_ratio * lr`` at the last step.
@@ -87,6 +78,7 @@ class StormModel(L.LightningModule):
         llm: CausalLM,
         compressors: list[Compressor] | None = None,
         tokenizer_path: str = "data_shards/tokenizer",
+        system_prompt: str | None = None,
         freeze_vision: bool = False,
         freeze_projector: bool = False,
         freeze_llm: bool = False,
@@ -116,10 +108,8 @@ class StormModel(L.LightningModule):
         if llm.vocab_size < len(self.tokenizer):
             llm.resize_vocab(len(self.tokenizer))
         self.media_token_ids = media_token_ids(self.tokenizer)
-        # multiple choice is scored on the first token of each option letter
-        self.option_token_ids = [self.tokenizer.encode(letter, add_special_tokens=False)[0] for letter in OPTION_LETTERS]
-        self.accuracy = nn.ModuleDict()  # torchmetrics, created per group (category, clip length) on first use
-        self._predictions: list[dict] = []
+        self.option_token_ids = option_token_ids(self.tokenizer)  # multiple choice: scored by these logits
+        self.choices = MultipleChoiceMetrics()
         self.register_buffer("pixel_mean", torch.tensor(vision.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(vision.image_std).view(1, 3, 1, 1), persistent=False)
 
@@ -322,17 +312,7 @@ class StormModel(L.LightningModule):
         weight = counts[rows].float().pow(-LOSS_WEIGHT_POWER[self.hparams.loss_weighting])
         return {"loss": (token_loss * weight).sum() / weight.sum(), "sample_loss": sample_loss,
                 "llm_tokens": int(x["attention_mask"].sum()), "label_tokens": int(keep.sum()),
-                "choice_scores": self._choice_scores(logits, keep)}
-
-    def _choice_scores(self, logits: Tensor, keep: Tensor) -> Tensor:
-        """Option-letter logits where the last answer's first token is predicted. Teacher forcing does
-        not leak the answer: that position only attends to the prompt. (B, OPTIONS)"""
-        starts = keep & ~F.pad(keep, (1, 0))[:, :-1]  # first target position of each assistant turn
-        last = torch.where(starts, torch.arange(keep.shape[1], device=keep.device), -1).amax(1)
-        flat = keep.flatten().cumsum(0).view_as(keep) - 1  # index into `logits` of each kept position
-        index = flat[torch.arange(len(keep), device=keep.device), last.clamp_min(0)]
-        scores = logits[index.clamp_min(0)][:, self.option_token_ids].float()
-        return torch.where((last >= 0)[:, None], scores, torch.zeros_like(scores))
+                "choice_scores": choice_scores(logits, keep, self.option_token_ids)}
 
     # ---- training -----------------------------------------------------------------------------------
 
@@ -405,66 +385,22 @@ class StormModel(L.LightningModule):
         out = self(batch)
         self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=len(batch))
         self._log_visual_tokens(batch, stage)
-        self._score_choices(batch, out["choice_scores"], stage)
-
-    def _score_choices(self, batch: Batch, scores: Tensor, stage: str) -> None:
-        """Multiple-choice accuracy overall, per category and per clip length; records predictions."""
-        for i, options in enumerate(batch.options):
-            if not options or batch.answer[i] is None:
-                continue
-            prediction = int(scores[i, : len(options)].argmax())
-            correct = float(prediction == int(batch.answer[i]))
-            groups = ["overall", f"category/{batch.category[i] or 'none'}",
-                      f"clip_frames/{clip_bucket(batch.clip_frames[i])}"]
-            if batch.duration[i] is not None:  # benchmarks' own duration groups
-                groups.append(f"duration/{batch.duration[i]}")
-            for group in groups:
-                self._accuracy(f"{stage}/accuracy/{group}").update(correct)
-            if stage == "test":
-                self._predictions.append({
-                    "key": batch.keys[i], "source": batch.sources[i], "category": batch.category[i],
-                    "duration": batch.duration[i],
-                    "clip_frames": batch.clip_frames[i], "frames": int(batch.frames_per_sample[i]),
-                    "options": options, "answer": int(batch.answer[i]), "prediction": prediction,
-                    "correct": bool(correct), "scores": [round(float(x), 4) for x in scores[i, : len(options)]],
-                })
-
-    def _accuracy(self, name: str) -> MeanMetric:
-        key = name.replace("/", ":")  # ModuleDict keys cannot hold "."; "/" reads badly in state dicts
-        if key not in self.accuracy:
-            self.accuracy[key] = MeanMetric().to(self.device)
-        return self.accuracy[key]
+        self.choices.update(batch, out["choice_scores"], stage)
 
     def _log_accuracies(self, stage: str) -> None:
-        """Compute and log every accuracy of this stage, synchronised across ranks.
-
-        Ranks see different categories, so first agree on the union of names, then compute in one
-        sorted order: every rank makes the same collective calls.
-        """
-        names = sorted(k.replace(":", "/") for k in self.accuracy if k.startswith(f"{stage}:"))
-        if self._trainer is not None and self.trainer.world_size > 1:
-            gathered: list = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(gathered, names)
-            names = sorted(set().union(*gathered))
-        for name in names:
-            metric = self._accuracy(name)
-            self.log(name, metric.compute(), rank_zero_only=True)  # compute() synchronises the ranks
-            metric.reset()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        for name, value in self.choices.compute(stage, world, self.device).items():
+            self.log(name, value, rank_zero_only=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_accuracies("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_accuracies("test")
-        if not self._predictions:
-            return
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         suffix = f"_rank{self.global_rank}" if self.trainer.world_size > 1 else ""
-        path = out_dir / f"predictions{suffix}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self._predictions, indent=1))
-        log.info("wrote %d multiple-choice predictions to %s", len(self._predictions), path)
-        self._predictions = []
+        path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / f"predictions{suffix}.json"
+        if count := self.choices.write_predictions(path):
+            log.info("wrote %d multiple-choice predictions to %s", count, path)
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[dict]:
         """Per sample: key, source and the mean loss of its assistant tokens."""

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from storm_lightning.compressors import SpatialAveragePool, TemporalAveragePool, TemporalSample
+from storm_lightning.errors import ConfigError, MissingPathError, one_line_errors
 from storm_lightning.inference import build_model, media_batch
 
 STAGES = ("vision", "projector", "compression", "llm_prefill")
@@ -70,19 +71,11 @@ def profile_once(model, timer: StageTimer, frames: int, decode_tokens: int) -> d
     timer.times = {}
     inputs, attention, _ = model.build_inputs(batch)  # vision, projector, compression: timed by hooks
     with timer.stage("llm_prefill"):
-        out = model.llm.model(inputs_embeds=inputs, attention_mask=attention, use_cache=True)
-    token = out.logits[:, -1:].argmax(-1)
-    past = out.past_key_values
-    with timer.stage("decode_total"):
+        logits, cache = model.llm.prefill(inputs, attention)
+    with timer.stage("decode_total"):  # CausalLM.step checks that the cache is read
         for _ in range(decode_tokens):
             attention = torch.cat([attention, attention.new_ones(1, 1)], dim=1)
-            out = model.llm.model(input_ids=token, attention_mask=attention, past_key_values=past, use_cache=True)
-            token, past = out.logits[:, -1:].argmax(-1), out.past_key_values
-    # transformers announces `past_key_values=` will become `cache=` (5.40); a cache that stopped being
-    # read would time a decode without it, so check that it grew by one entry per token
-    if hasattr(past, "get_seq_length") and past.get_seq_length() != attention.shape[1]:
-        raise RuntimeError(f"the KV cache holds {past.get_seq_length()} positions after decoding, expected "
-                           f"{attention.shape[1]}: this transformers version no longer reads `past_key_values`")
+            logits, cache = model.llm.step(logits.argmax(-1), attention, cache)
     times = dict(timer.times)
     times["projector"] = times.pop("downsampler", 0.0) + times.get("projector", 0.0)
     times.setdefault("compression", 0.0)
@@ -165,6 +158,14 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--out", default="runs/profile/profile.csv", help="CSV path; the PNG goes beside it")
     opts = parser.parse_args(args)
-    rows = run(opts.config, opts.frames, opts.ratios, opts.compression, opts.repeats, opts.warmup,
-               opts.decode_tokens, opts.out, opts.device)
+    with one_line_errors("storm-profile"):
+        for flag in ("frames", "ratios"):
+            if min(getattr(opts, flag)) < 1:
+                raise ConfigError(f"--{flag} must all be >= 1, got {getattr(opts, flag)}")
+        if opts.repeats < 1 or opts.warmup < 0 or opts.decode_tokens < 0:
+            raise ConfigError("--repeats must be >= 1, --warmup and --decode-tokens >= 0")
+        if not Path(opts.config).is_file():
+            raise MissingPathError(f"--config: no such file '{opts.config}'")
+        rows = run(opts.config, opts.frames, opts.ratios, opts.compression, opts.repeats, opts.warmup,
+                   opts.decode_tokens, opts.out, opts.device)
     print(f"{len(rows)} rows -> {opts.out} and {Path(opts.out).with_suffix('.png')}")

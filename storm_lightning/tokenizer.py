@@ -1,10 +1,11 @@
-"""Tokenizer loading and the chat format (ChatML, as Qwen2 uses).
+"""Tokenizer loading and the chat format.
 
-A conversation ``[{"from": "human"|"gpt", "value": str}, ...]`` becomes::
+A conversation ``[{"from": "human"|"gpt", "value": str}, ...]`` is rendered by the tokenizer's own chat
+template when it has one (a real LLM's: Llama 3, Qwen2, ...), else as ChatML (the bundled tokenizer)::
 
     <|im_start|>user\n{human}<|im_end|>\n<|im_start|>assistant\n{gpt}<|im_end|>\n ...
 
-and only the assistant text and its ``<|im_end|>`` are trained on (labels elsewhere are -100). The
+and only the assistant replies and their end-of-turn token are trained on (labels elsewhere are -100). The
 ``<image>`` / ``<video>`` placeholders are single special tokens; the model replaces each with that
 sample's visual tokens. Every tokenizer, the bundled one or a real LLM's local directory, is loaded with
 ``load_tokenizer``, which adds any of these special tokens it lacks.
@@ -31,11 +32,13 @@ def load_tokenizer(path: str, key: str = "data.tokenizer_path"):
     if not (Path(path) / "tokenizer_config.json").is_file():
         raise MissingPathError(f"{key}: '{path}' is not a tokenizer directory (no tokenizer_config.json)")
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    # the media placeholders always; ChatML's tokens only for a tokenizer without a chat template of its own
+    wanted = [IMAGE_TOKEN, VIDEO_TOKEN] if tok.chat_template is not None else SPECIAL_TOKENS
+    missing = [t for t in wanted if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})
-    if tok.pad_token is None:
-        tok.pad_token = PAD
+    if tok.pad_token is None:  # padding is masked out: any token will do, the end-of-text one if there is one
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else PAD
     return tok
 
 
@@ -51,12 +54,33 @@ def media_token_ids(tokenizer) -> tuple[int, int]:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
 
 
-def encode_conversation(tokenizer, conversations: list[dict], max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (assistant tokens only) of a conversation, truncated to ``max_length``.
+def _messages(conversations: list[dict], system_prompt: str | None) -> list[dict]:
+    messages = []
+    for turn in conversations:
+        role = ROLES.get(turn.get("from", ""))
+        if role is None or not isinstance(turn.get("value"), str):
+            raise ValueError(f"bad turn {turn!r}")
+        messages.append({"role": role, "content": turn["value"]})
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def encode_conversation(tokenizer, conversations: list[dict], max_length: int,
+                        system_prompt: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels (the assistant replies only, each with its end-of-turn token) of a
+    conversation, truncated to ``max_length``. The tokenizer's own chat template when it has one,
+    else ChatML. ``system_prompt`` opens a conversation that has no system turn.
 
     Raises ValueError for a conversation without an assistant turn or with an unknown role; the data
     pipeline turns that into a skipped sample.
     """
+    messages = _messages(conversations, system_prompt)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("conversation has no assistant turn")
+    if tokenizer.chat_template is not None:
+        ids, labels = _encode_with_template(tokenizer, messages)
+        return ids[:max_length], labels[:max_length]
     ids: list[int] = []
     labels: list[int] = []
 
@@ -65,27 +89,62 @@ def encode_conversation(tokenizer, conversations: list[dict], max_length: int) -
         ids.extend(piece)
         labels.extend(piece if train else [IGNORE_INDEX] * len(piece))
 
-    has_answer = False
-    for turn in conversations:
-        role = ROLES.get(turn.get("from", ""))
-        if role is None or not isinstance(turn.get("value"), str):
-            raise ValueError(f"bad turn {turn!r}")
-        add(f"{IM_START}{role}\n", False)
-        if role == "assistant":
-            has_answer = True
-            add(f"{turn['value']}{IM_END}", True)
+    for m in messages:
+        add(f"{IM_START}{m['role']}\n", False)
+        if m["role"] == "assistant":
+            add(f"{m['content']}{IM_END}", True)
             add("\n", False)
         else:
-            add(f"{turn['value']}{IM_END}\n", False)
-    if not has_answer:
-        raise ValueError("conversation has no assistant turn")
+            add(f"{m['content']}{IM_END}\n", False)
     return ids[:max_length], labels[:max_length]
 
 
-def encode_prompt(tokenizer, conversations: list[dict]) -> list[int]:
+def _encode_with_template(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """The template renders the whole conversation once; each assistant reply is the text between the
+    rendering of the turns before it with the generation prompt (its header) and the rendering up to
+    and including it. Labels are the tokens inside those spans. (``return_assistant_tokens_mask``
+    needs ``{% generation %}`` markers that most templates, Llama 3's and Qwen2's included, lack.)"""
+    def render(turns: list[dict], prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+
+    text = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, upto = render(messages[:i], prompt=True), render(messages[: i + 1])
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise ValueError("the tokenizer's chat template does not render a conversation as the sum of its turns")
+        spans.append((len(before), len(upto)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [token if any(a <= start and end <= b for a, b in spans) else IGNORE_INDEX
+              for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    return list(encoded["input_ids"]), labels
+
+
+def encode_prompt(tokenizer, conversations: list[dict], system_prompt: str | None = None) -> list[int]:
     """Token ids of a conversation followed by the assistant header: what generation starts from."""
-    text = "".join(f"{IM_START}{ROLES[t['from']]}\n{t['value']}{IM_END}\n" for t in conversations)
-    return tokenizer.encode(f"{text}{IM_START}assistant\n", add_special_tokens=False)
+    messages = _messages(conversations, system_prompt)
+    if tokenizer.chat_template is not None:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages) + f"{IM_START}assistant\n"
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def check_chat_format(tokenizer, key: str) -> None:
+    """Fail at build time, naming the config key, when a tokenizer's chat template cannot give labels."""
+    from storm_lightning.errors import ConfigError
+
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."},
+             {"from": "human", "value": "And?"}, {"from": "gpt", "value": "Bye."}]
+    try:
+        ids, labels = encode_conversation(tokenizer, turns, 10_000)
+    except Exception as exn:  # jinja errors, a template that is not prefix-consistent
+        raise ConfigError(f"{key}: its chat template cannot be used for training ({type(exn).__name__}: {exn})") from None
+    trained = tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True)
+    if "Hello." not in trained or "Bye." not in trained or "Hi" in trained:
+        raise ConfigError(f"{key}: its chat template's assistant replies could not be told apart (labels {trained!r})")
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024) -> None:

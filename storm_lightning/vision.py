@@ -13,12 +13,17 @@ Weights are never downloaded: real checkpoints load from a local directory or fi
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from storm_lightning.errors import ConfigError, MissingPathError
+
+log = logging.getLogger(__name__)
 
 
 class VisionBackbone(nn.Module):
@@ -55,52 +60,71 @@ def _require_dir(path: str, key: str) -> Path:
     return p
 
 
-class SiglipVisionBackbone(VisionBackbone):
-    """A transformers SigLIP vision tower.
+# config key -> (the transformers config attribute, the tiny default used when building from scratch)
+_SIGLIP_SIZES = {"patch_size": ("patch_size", 8), "hidden_size": ("hidden_size", 64),
+                 "num_layers": ("num_hidden_layers", 2), "num_heads": ("num_attention_heads", 4),
+                 "intermediate_size": ("intermediate_size", 128)}
 
-    Built from the typed size arguments (random weights; the tiny default), or, when ``pretrained_path``
-    is set, loaded with ``SiglipVisionModel.from_pretrained(pretrained_path)`` and the size arguments are
-    taken from that checkpoint's config. ``select_layer=-2`` takes the penultimate layer, as VILA does.
+
+class SiglipVisionBackbone(VisionBackbone):
+    """A transformers SigLIP or SigLIP2 vision tower.
+
+    Built from the size arguments (random weights; left out, the tiny defaults: 64 px, patch 8, width 64,
+    2 layers, 4 heads, MLP 128), or loaded from ``pretrained_path``, a local ``save_pretrained`` directory
+    of a SigLIP vision tower or a whole SigLIP model (its text tower is not loaded), fixed-resolution
+    (``siglip``, e.g. so400m-patch14-384, SigLIP2's fixed-size releases) or SigLIP2 NaFlex
+    (``siglip2``). A loaded tower's sizes come from its checkpoint: a size also given here must agree
+    with it, or the build fails naming the key. ``image_size`` may differ from the checkpoint's: the
+    tower then runs at that size with its position embeddings interpolated (e.g. so400m-384, a 27 x 27
+    grid, at 448 px: 32 x 32), with one log line. ``select_layer=-2`` takes the penultimate layer, as VILA.
     """
 
     def __init__(
         self,
-        image_size: int = 64,
-        patch_size: int = 8,
-        hidden_size: int = 64,
-        num_layers: int = 2,
-        num_heads: int = 4,
-        intermediate_size: int = 128,
+        image_size: int | None = None,
+        patch_size: int | None = None,
+        hidden_size: int | None = None,
+        num_layers: int | None = None,
+        num_heads: int | None = None,
+        intermediate_size: int | None = None,
         select_layer: int = -1,
         pretrained_path: str | None = None,
+        variant: Literal["siglip", "siglip2"] = "siglip",
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        from transformers import SiglipVisionConfig, SiglipVisionModel
-
+        given = {"patch_size": patch_size, "hidden_size": hidden_size, "num_layers": num_layers,
+                 "num_heads": num_heads, "intermediate_size": intermediate_size}
         if pretrained_path is not None:
-            _require_dir(pretrained_path, "model.vision.init_args.pretrained_path")
-            self.model = SiglipVisionModel.from_pretrained(pretrained_path)
+            self.model = _load_siglip(pretrained_path)
             config = self.model.config
+            for key, value in given.items():
+                stored = getattr(config, _SIGLIP_SIZES[key][0])
+                if value is not None and value != stored:
+                    raise ConfigError(f"model.vision.init_args.{key}={value} contradicts the checkpoint in "
+                                      f"{pretrained_path} ({key}={stored}): leave it out (it is read from the "
+                                      "checkpoint) or point pretrained_path at another tower")
         else:
-            if patch_size < 1 or image_size < patch_size or image_size % patch_size:
-                raise ConfigError(f"model.vision.init_args.image_size={image_size} must be a positive multiple of "
-                                  f"patch_size={patch_size} (>= 1)")
-            if min(hidden_size, num_layers, num_heads, intermediate_size) < 1 or hidden_size % num_heads:
-                raise ConfigError(f"model.vision.init_args: hidden_size={hidden_size}, num_layers={num_layers}, "
-                                  f"num_heads={num_heads} and intermediate_size={intermediate_size} must be >= 1, "
-                                  "and hidden_size a multiple of num_heads")
-            config = SiglipVisionConfig(
-                image_size=image_size,
-                patch_size=patch_size,
-                hidden_size=hidden_size,
-                num_hidden_layers=num_layers,
-                num_attention_heads=num_heads,
-                intermediate_size=intermediate_size,
-                vision_use_head=False,
-            )
-            self.model = SiglipVisionModel(config)
-        self.image_size, self.patch_size, self.hidden_size = config.image_size, config.patch_size, config.hidden_size
+            sizes = {key: value if value is not None else _SIGLIP_SIZES[key][1] for key, value in given.items()}
+            if min(sizes.values()) < 1 or sizes["hidden_size"] % sizes["num_heads"]:
+                raise ConfigError(f"model.vision.init_args: {sizes} must all be >= 1, and hidden_size a multiple "
+                                  "of num_heads")
+            self.model = _new_siglip(variant, image_size or 64, sizes)
+            config = self.model.config
+        self.patch_size, self.hidden_size = config.patch_size, config.hidden_size
+        self.siglip2 = _is_siglip2(config)
+        native = _native_image_size(config)
+        self.image_size = image_size or native
+        # a SigLIP patch embedding is a stride-p convolution: 384 px at patch 14 is 27 patches (6 px unused);
+        # NaFlex cuts the image into patches itself, so there it must be a multiple
+        if self.image_size < self.patch_size or (self.siglip2 and self.image_size % self.patch_size):
+            raise ConfigError(f"model.vision.init_args.image_size={self.image_size} must be at least patch_size="
+                              f"{self.patch_size}{' and a multiple of it (SigLIP2 NaFlex)' if self.siglip2 else ''}")
+        # SigLIP2 NaFlex resizes its position embeddings to every input; SigLIP interpolates when told to
+        self.interpolate = not self.siglip2 and self.image_size != native
+        if self.interpolate:
+            log.info("vision tower: %d px (%d x %d patches) with position embeddings interpolated from its %d px",
+                     self.image_size, *self.grid, native)
         self.select_layer = select_layer
         if gradient_checkpointing:  # recompute each layer in backward: activation memory of one layer
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -113,10 +137,59 @@ class SiglipVisionBackbone(VisionBackbone):
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         self._check_input(pixel_values)
+        if self.siglip2:  # NaFlex takes patches: (F, h*w, p*p*3), row-major, channels last within a patch
+            f, (h, w), p = len(pixel_values), self.grid, self.patch_size
+            patches = pixel_values.reshape(f, 3, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(f, h * w, p * p * 3)
+            inputs = {"pixel_values": patches, "pixel_attention_mask": patches.new_ones(f, h * w, dtype=torch.long),
+                      "spatial_shapes": torch.tensor([[h, w]] * f, device=patches.device)}
+        else:
+            inputs = {"pixel_values": pixel_values, "interpolate_pos_encoding": self.interpolate}
         if self.select_layer == -1:
-            return self.model(pixel_values=pixel_values).last_hidden_state
-        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        return out.hidden_states[self.select_layer]
+            return self.model(**inputs).last_hidden_state
+        return self.model(**inputs, output_hidden_states=True).hidden_states[self.select_layer]
+
+
+def _is_siglip2(config) -> bool:
+    return config.model_type.startswith("siglip2")
+
+
+def _native_image_size(config) -> int:
+    """The image size a tower was trained at (SigLIP2 NaFlex: the side of its position-embedding grid)."""
+    if _is_siglip2(config):
+        return math.isqrt(config.num_patches) * config.patch_size
+    return config.image_size
+
+
+def _load_siglip(path: str) -> nn.Module:
+    """A SigLIP / SigLIP2 vision tower from a local directory (a vision tower's or a whole model's)."""
+    from transformers import AutoConfig, Siglip2VisionModel, SiglipVisionModel
+
+    _require_dir(path, "model.vision.init_args.pretrained_path")
+    try:
+        model_type = AutoConfig.from_pretrained(path, trust_remote_code=False).model_type
+    except (OSError, ValueError) as exn:
+        raise ConfigError(f"model.vision.init_args.pretrained_path: {path} has no readable config.json ({exn})") from None
+    towers = {"siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel,
+              "siglip2": Siglip2VisionModel, "siglip2_vision_model": Siglip2VisionModel}
+    if model_type not in towers:
+        raise ConfigError(f"model.vision.init_args.pretrained_path: {path} holds a '{model_type}' model, not a SigLIP "
+                          "or SigLIP2 tower (use TimmViTBackbone for other vision transformers)")
+    # the pooling head is not used: not loaded, never run
+    return towers[model_type].from_pretrained(path, vision_use_head=False)
+
+
+def _new_siglip(variant: str, image_size: int, sizes: dict) -> nn.Module:
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    if variant not in ("siglip", "siglip2"):
+        raise ConfigError(f"model.vision.init_args.variant must be siglip or siglip2, got {variant!r}")
+    common = {"patch_size": sizes["patch_size"], "hidden_size": sizes["hidden_size"],
+              "num_hidden_layers": sizes["num_layers"], "num_attention_heads": sizes["num_heads"],
+              "intermediate_size": sizes["intermediate_size"], "vision_use_head": False}
+    if variant == "siglip2":
+        side = image_size // sizes["patch_size"]
+        return Siglip2VisionModel(Siglip2VisionConfig(num_patches=side * side, **common))
+    return SiglipVisionModel(SiglipVisionConfig(image_size=image_size, **common))
 
 
 class TimmViTBackbone(VisionBackbone):

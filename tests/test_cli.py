@@ -81,7 +81,7 @@ def config_error_line(proc) -> str:
     (["--data.num_workers=-2"], "data.num_workers must be >= 0, got -2"),
     (["--data.train_sources=[{name: t, shards: data_shards/train/text-000000.tar, weight: .nan}]"],
      "data.train_sources[0] ('t'): weight must be a finite number >= 0"),
-    (["--model.vision.init_args.patch_size=0"], "model.vision.init_args.image_size=64 must be a positive multiple of patch_size=0"),
+    (["--model.vision.init_args.patch_size=0"], "model.vision.init_args: {'patch_size': 0, 'hidden_size': 64"),
     (["--model.llm.init_args.num_layers=0"], "model.llm.init_args: hidden_size, num_layers"),
 ])
 def test_misconfigurations_are_one_line_naming_the_key(run_dir, args, expected):

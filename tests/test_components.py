@@ -73,7 +73,21 @@ def test_paper_shape_1024_patches_to_256_tokens():
     assert down(torch.randn(2, 1024, 8), (32, 32)).shape == (2, 256, 6)
     assert down.output_grid((32, 32)) == (16, 16)
     with pytest.raises(ValueError, match="ratio=2 must divide"):
-        down.output_grid((5, 5))
+        PixelShuffleDownsampler(input_dim=8, output_dim=6, ratio=2, pad_odd_grid=False).output_grid((5, 5))
+
+
+def test_an_odd_grid_is_padded_with_zero_tokens_below_and_right():
+    """SigLIP so400m-384's 27 x 27 patches -> 28 x 28 -> 14 x 14 = 196 tokens; the last token of each
+    row and column sees one real patch column/row and zeros."""
+    down = PixelShuffleDownsampler(input_dim=1, output_dim=4, ratio=2)
+    with torch.no_grad():
+        down.proj.weight.copy_(torch.eye(4))
+        down.proj.bias.zero_()
+    assert down.output_grid((27, 27)) == (14, 14)
+    assert down(torch.randn(1, 729, 1), (27, 27)).shape == (1, 196, 4)
+    x = torch.arange(1.0, 10.0).view(1, 9, 1)  # a 3x3 grid of 1..9
+    out = down(x, (3, 3))
+    assert out[0].tolist() == [[1, 2, 4, 5], [3, 0, 6, 0], [7, 8, 0, 0], [9, 0, 0, 0]]
 
 
 # ---- compressors ----------------------------------------------------------------------------------------

@@ -30,6 +30,16 @@ def test_kv_cache_generation_equals_a_loop_without_cache():
     assert text == model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
+def test_generation_stops_at_a_stop_string_or_the_token_budget():
+    model = tiny().eval()
+    full = generate(model, "Hello", max_new_tokens=12)
+    assert len(model.tokenizer.encode(full, add_special_tokens=False)) <= 12
+    assert len(generate(model, "Hello", max_new_tokens=3)) < len(full) or len(full) <= 3
+    stop = full[len(full) // 2:][:2]
+    if stop.strip():
+        assert generate(model, "Hello", max_new_tokens=12, until=(stop,)) == full.split(stop)[0].strip()
+
+
 @pytest.mark.slow
 def test_checkpoint_reloads_and_storm_chat_answers(run_dir, tmp_path):
     storm_fit("--config", "conf/sft.yaml", *FAST)

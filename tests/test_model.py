@@ -11,6 +11,7 @@ from storm_lightning.data.batching import collate
 from storm_lightning.data.samples import Sample
 from storm_lightning.downsamplers import PixelShuffleDownsampler
 from storm_lightning.errors import ConfigError
+from storm_lightning.evaluation import choice_scores
 from storm_lightning.llm import HFCausalLM
 from storm_lightning.model import StormModel
 from storm_lightning.projectors import MambaTemporalProjector, MLPProjector
@@ -107,7 +108,8 @@ def test_loss_weighting_averages_tokens_samples_or_square_roots():
     (dict(vision_dim=24), r"model.downsampler.init_args.input_dim=16 must equal the vision width 24"),
     (dict(compressors=[SpatialAveragePool(4)]),
      r"model.compressors\[0\] \(SpatialAveragePool\): .*kernel_size=4 must divide the 2x2 token grid"),
-    (dict(image_size=40), r"model.downsampler.init_args.ratio=2 must divide the vision patch grid 5x5"),
+    (dict(image_size=40, compressors=[SpatialAveragePool(2)]),  # 5x5 patches, padded to 6x6 -> 3x3 tokens
+     r"model.compressors\[0\] \(SpatialAveragePool\): .*kernel_size=2 must divide the 3x3 token grid"),
     (dict(init_from="/nonexistent.ckpt"), r"model.init_from: no such checkpoint"),
 ])
 def test_misconfigurations_fail_at_build_naming_the_key(kwargs, message):
@@ -237,5 +239,5 @@ def test_choice_scores_read_the_position_that_predicts_the_answer_letter():
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     oracle = F.one_hot(targets[keep], num_classes=len(tok)).float()
-    scores = model._choice_scores(oracle, keep)
+    scores = choice_scores(oracle, keep, model.option_token_ids)
     assert scores[:, :4].argmax(1).tolist() == [2, 0, 3]

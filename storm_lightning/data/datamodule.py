@@ -25,7 +25,7 @@ from storm_lightning.data.samples import SampleProcessor
 from storm_lightning.data.stream import ShardStream, world
 from storm_lightning.data.video import ReadLimits
 from storm_lightning.errors import ConfigError, MissingPathError
-from storm_lightning.tokenizer import load_tokenizer
+from storm_lightning.tokenizer import check_chat_format, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ class StormDataModule(L.LightningDataModule):
     most ``max_frame_pixels`` pixels (width x height), at most ``max_frames`` frames kept, at most
     ``max_read_seconds`` seconds.
 
+    Conversations are rendered with the tokenizer's own chat template when it has one, else ChatML;
+    ``system_prompt`` opens every conversation that has no system turn.
+
     Resuming from a checkpoint continues every data reader where it stopped (``state_dict``). With
     another ``batch_size`` or ``token_budget`` that stays exact sample by sample (batches are cut
     differently from there, and ``start_step`` counts the new steps). With another ``num_workers`` or
@@ -113,6 +116,7 @@ class StormDataModule(L.LightningDataModule):
         max_frames: int = 1024,
         max_read_seconds: float | None = 120.0,
         allow_data_restart: bool = False,
+        system_prompt: str | None = None,
     ) -> None:
         super().__init__()
         if not train_sources:
@@ -153,6 +157,8 @@ class StormDataModule(L.LightningDataModule):
         self.stream_seed = seed  # the readers' seed: data.seed, unless a resume restarted the streams
         # fail now, before anything is read, on a missing tokenizer or shard path
         self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path")
+        check_chat_format(self.tokenizer, "data.tokenizer_path")
+        self.system_prompt = system_prompt
         self.train_shards = [s.shard_paths(f"data.train_sources[{i}].shards") for i, s in enumerate(self.train_sources)]
         self.val_shards = [s.shard_paths(f"data.val_sources[{i}].shards") for i, s in enumerate(self.val_sources)]
 
@@ -168,7 +174,8 @@ class StormDataModule(L.LightningDataModule):
         return keys
 
     def _processor(self, frames_per_clip: int | None = None) -> SampleProcessor:
-        return SampleProcessor(self.tokenizer_path, self.image_size, self.max_length, frames_per_clip, self.limits)
+        return SampleProcessor(self.tokenizer_path, self.image_size, self.max_length, frames_per_clip, self.limits,
+                               self.system_prompt)
 
     def _workers(self) -> dict:
         return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0,

@@ -78,13 +78,14 @@ class _LazyFrames(Sequence):
 @dataclass
 class SampleProcessor:
     """Raw shard samples -> ``Sample``. ``frames_per_clip``, when set, replaces every source's (evaluation
-    on more frames). ``limits``: what one video read may cost (``data.video_limits``)."""
+    on more frames). ``limits``: what one video read may cost. ``system_prompt``: see ``encode_conversation``."""
 
     tokenizer_path: str
     image_size: int
     max_length: int
     frames_per_clip: int | None = None
     limits: ReadLimits = field(default_factory=ReadLimits)
+    system_prompt: str | None = None
     _tokenizer: object = field(default=None, init=False, repr=False)
     _max_chars: int = field(default=0, init=False, repr=False)
 
@@ -139,7 +140,7 @@ class SampleProcessor:
             else:  # either placeholder word works for either medium
                 for turn in conversations:
                     turn["value"] = turn["value"].replace(IMAGE_TOKEN, placeholder).replace(VIDEO_TOKEN, placeholder)
-        ids, labels = encode_conversation(tokenizer, conversations, self.max_length)
+        ids, labels = encode_conversation(tokenizer, conversations, self.max_length, self.system_prompt)
         if pixel_values is not None and not set(media_token_ids(tokenizer)) & set(ids):
             raise BadRecord("truncated", f"media placeholder cut off by max_length={self.max_length}")
         if all(label == IGNORE_INDEX for label in labels):

@@ -1,0 +1,135 @@
+"""Checkpoints as published, from local save_pretrained directories the tests make: SigLIP towers at
+384/patch 14 (27 x 27), 448/patch 14 (32 x 32), 224, whole SigLIP models, SigLIP2 NaFlex; causal LMs."""
+
+import pytest
+import torch
+
+from storm_lightning.downsamplers import PixelShuffleDownsampler
+from storm_lightning.errors import ConfigError
+from storm_lightning.vision import SiglipVisionBackbone
+from tests.conftest import FAST, storm_fit
+
+TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
+
+
+def siglip_tower(path, image_size, patch_size=14, whole=False):
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    vision = SiglipVisionConfig(image_size=image_size, patch_size=patch_size, **TINY)
+    if whole:  # the layout google/siglip-so400m-patch14-384 ships: text and vision towers
+        model = SiglipModel(SiglipConfig(text_config=dict(vocab_size=100, **TINY), vision_config=vision.to_dict()))
+    else:
+        model = SiglipVisionModel(vision)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def pixels(size, frames=2):
+    return torch.rand(frames, 3, size, size) * 2 - 1
+
+
+@pytest.mark.parametrize("image_size, grid, tokens", [(384, 27, 196), (448, 32, 256), (224, 16, 64)])
+def test_published_layouts_load_and_pixel_shuffle_2(tmp_path, image_size, grid, tokens):
+    original = siglip_tower(tmp_path / "tower", image_size)
+    tower = SiglipVisionBackbone(pretrained_path=str(tmp_path / "tower")).eval()
+    assert (tower.image_size, tower.patch_size, tower.hidden_size, tower.grid) == (image_size, 14, 32, (grid, grid))
+    x = pixels(image_size)
+    with torch.no_grad():
+        out = tower(x)
+        torch.testing.assert_close(out, original(pixel_values=x).last_hidden_state)  # the checkpoint's weights
+    down = PixelShuffleDownsampler(32, 8, ratio=2)
+    assert down(out, tower.grid).shape == (2, tokens, 8)  # 27 x 27 is padded to 28 x 28
+
+
+def test_a_whole_siglip_model_gives_its_vision_tower(tmp_path):
+    whole = siglip_tower(tmp_path / "whole", 384, whole=True)
+    tower = SiglipVisionBackbone(pretrained_path=str(tmp_path / "whole")).eval()
+    x = pixels(384, frames=1)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x), whole.vision_model(pixel_values=x).last_hidden_state)
+
+
+def test_another_image_size_interpolates_the_position_embeddings(tmp_path, caplog):
+    original = siglip_tower(tmp_path / "tower", 384)
+    with caplog.at_level("INFO"):
+        tower = SiglipVisionBackbone(pretrained_path=str(tmp_path / "tower"), image_size=448).eval()
+    assert tower.grid == (32, 32) and "interpolated from its 384 px" in caplog.text
+    x = pixels(448, frames=1)
+    with torch.no_grad():
+        expected = original(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
+        torch.testing.assert_close(tower(x), expected)
+
+
+def test_siglip2_naflex_takes_patches_in_its_processors_order(tmp_path):
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+    torch.manual_seed(0)
+    original = Siglip2VisionModel(Siglip2VisionConfig(num_patches=64, patch_size=16, **TINY)).eval()
+    original.save_pretrained(tmp_path / "siglip2")
+    tower = SiglipVisionBackbone(pretrained_path=str(tmp_path / "siglip2"), image_size=192).eval()
+    assert tower.siglip2 and tower.grid == (12, 12)  # native 8 x 8 (128 px), run at 12 x 12
+    x = pixels(192, frames=1)
+    patches = convert_image_to_patches(x[0], 16)[None]
+    with torch.no_grad():
+        expected = original(pixel_values=patches, pixel_attention_mask=torch.ones(1, 144, dtype=torch.long),
+                            spatial_shapes=torch.tensor([[12, 12]])).last_hidden_state
+        torch.testing.assert_close(tower(x), expected)
+
+
+def test_a_size_that_contradicts_the_checkpoint_fails_naming_the_key(tmp_path):
+    siglip_tower(tmp_path / "tower", 384)
+    with pytest.raises(ConfigError, match=r"model.vision.init_args.hidden_size=1152 contradicts the checkpoint .* "
+                                          r"\(hidden_size=32\)"):
+        SiglipVisionBackbone(pretrained_path=str(tmp_path / "tower"), hidden_size=1152)
+    with pytest.raises(ConfigError, match="image_size=10 must be at least patch_size=14"):
+        SiglipVisionBackbone(pretrained_path=str(tmp_path / "tower"), image_size=10)
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm/config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(ConfigError, match="holds a 'qwen2' model, not a SigLIP"):
+        SiglipVisionBackbone(pretrained_path=str(tmp_path / "llm"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("image_size", [384, 448])
+def test_storm_fit_trains_and_tests_from_a_published_layout(run_dir, tmp_path, image_size):
+    siglip_tower(tmp_path / "tower", image_size)
+    (run_dir / "tower.yaml").write_text(f"""\
+model:
+  vision:
+    class_path: storm_lightning.vision.SiglipVisionBackbone
+    init_args: {{pretrained_path: {tmp_path / 'tower'}, image_size: null, patch_size: null, hidden_size: null,
+                num_layers: null, num_heads: null, intermediate_size: null, select_layer: -2}}
+  downsampler:
+    init_args: {{input_dim: 32, ratio: 2}}
+data:
+  image_size: {image_size}
+  batch_size: 2
+  train_sources:
+    - {{name: image, shards: "data_shards/train/image-000000.tar"}}
+    - {{name: video, shards: "data_shards/train/video32-000000.tar", frames_per_clip: 2}}
+  val_sources:
+    - {{name: image, shards: "data_shards/eval/image-000000.tar"}}
+""")
+    storm_fit("--config", "conf/sft.yaml", "--config", "tower.yaml", *FAST)
+    ckpt = run_dir / "runs/sft/checkpoints/last.ckpt"
+    proc = storm_fit("test", "--config", "conf/sft.yaml", "--config", "tower.yaml", f"--ckpt_path={ckpt}",
+                     "--trainer.limit_test_batches=4", "--data.num_workers=0", "--trainer.enable_progress_bar=false")
+    output = proc.stdout + proc.stderr
+    assert "test/accuracy/overall" in output  # the multiple-choice image questions, scored
+    assert f"{(-(-image_size // 14 // 2)) ** 2}.0" in output  # test/visual_tokens_after: 196 or 256 a frame
+
+
+def test_an_llm_loads_with_its_own_sizes_and_contradictions_fail(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from storm_lightning.llm import HFCausalLM
+
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=64, vocab_size=300)).save_pretrained(tmp_path / "qwen2")
+    llm = HFCausalLM(pretrained_path=str(tmp_path / "qwen2"), hidden_size=48, model_type="qwen2")
+    assert (llm.hidden_size, llm.vocab_size) == (48, 300)
+    with pytest.raises(ConfigError, match=r"model.llm.init_args.num_layers=28 contradicts the checkpoint .*"
+                                          r"\(num_layers=1\)"):
+        HFCausalLM(pretrained_path=str(tmp_path / "qwen2"), num_layers=28)

@@ -1,0 +1,57 @@
+"""Every error a user can cause is one line naming the file or the key, for every command-line tool."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TOKENIZER
+
+
+def run(module_main: str, *args) -> subprocess.CompletedProcess:
+    module, main = module_main.split(":")
+    return subprocess.run([sys.executable, "-c", f"from {module} import {main}; {main}()", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def one_line(proc, prog: str) -> str:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_chat_with_a_checkpoint_of_another_model(tmp_path):
+    from tests.test_model import tiny
+
+    torch.save({"state_dict": tiny().state_dict()}, tmp_path / "other.ckpt")
+    line = one_line(run("storm_lightning.cli:chat_main", "--checkpoint", tmp_path / "other.ckpt", "--config",
+                        "conf/sft.yaml", "--prompt", "hi"), "storm-chat")
+    assert "other.ckpt does not fit the model of conf/sft.yaml" in line
+
+
+def test_export_naming_a_class_that_is_not_a_component(tmp_path):
+    from storm_lightning.inference import load_config
+
+    model = load_config(str(ROOT / "conf/sft.yaml"))["model"]
+    model["projector"] = {"class_path": "collections.OrderedDict"}
+    model["tokenizer_path"] = TOKENIZER
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export/config.json").write_text(json.dumps({"format": "storm-lightning", "model": model}))
+    line = one_line(run("storm_lightning.cli:chat_main", "--checkpoint", tmp_path / "export", "--prompt", "hi"),
+                    "storm-chat")
+    assert "config.json: the model section does not build" in line
+
+
+@pytest.mark.parametrize("args, message", [(["--frames", "0"], "--frames must all be >= 1"),
+                                           (["--config", "nope.yaml"], "no such file 'nope.yaml'")])
+def test_profile_arguments(args, message):
+    assert message in one_line(run("storm_lightning.profile:main", *args), "storm-profile")
+
+
+def test_consolidate_a_folder_that_is_not_a_checkpoint(tmp_path):
+    line = one_line(run("storm_lightning.checkpoint:consolidate_main", tmp_path, tmp_path / "out.ckpt"),
+                    "storm-consolidate")
+    assert "is not a sharded checkpoint folder" in line
