@@ -14,6 +14,7 @@ import yaml
 
 from storm_lightning.compressors import Compressor
 from storm_lightning.errors import ConfigError, MissingPathError
+from storm_lightning.lora import merge
 from storm_lightning.model import StormModel
 from storm_lightning.data.batching import Batch
 from storm_lightning.tokenizer import IM_END, IMAGE_TOKEN, VIDEO_TOKEN, encode_prompt
@@ -105,6 +106,9 @@ def export(checkpoint: str, out_dir: str, config: str | None = None) -> Path:
     config = str(config or find_config(checkpoint))
     model, _ = load_model(checkpoint, config)
     model_cfg, _ = model_config(config)
+    for component, key in ((model.llm, "lora_llm"), (model.vision, "lora_vision")):  # adapters into the weights
+        component.model = merge(component.model)
+        model_cfg[key] = None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.tokenizer.save_pretrained(out / "tokenizer")

@@ -105,9 +105,15 @@ class CausalLM(nn.Module):
         return tokens
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, visual_mask: Tensor | None = None,
-                visual: Tensor | None = None, zero: Tensor | None = None, head_mask: Tensor | None = None):
+                visual: Tensor | None = None, zero: Tensor | None = None, head_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, cu_seqlens: Tensor | None = None):
         embeds = self.embed_with_visual(input_ids, visual_mask, visual, zero)
-        hidden = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        packed = {}
+        if cu_seqlens is not None:  # one packed sequence (see StormModel.pack): attention within each sample
+            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            packed = {"position_ids": position_ids, "cu_seq_lens_q": cu_seqlens, "cu_seq_lens_k": cu_seqlens,
+                      "max_length_q": longest, "max_length_k": longest}
+        hidden = self.model.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **packed).last_hidden_state
         logits = self.model.get_output_embeddings()(hidden[head_mask]) if head_mask is not None else None
         return hidden, logits
 
@@ -118,6 +124,37 @@ _LLM_SIZES = {"model_type": ("model_type", "qwen2"), "hidden_size": ("hidden_siz
               "num_kv_heads": ("num_key_value_heads", 2), "intermediate_size": ("intermediate_size", 384),
               "vocab_size": ("vocab_size", 1024), "max_position_embeddings": ("max_position_embeddings", 8192),
               "tie_word_embeddings": ("tie_word_embeddings", True)}
+
+
+PACKED_ATTENTION = "storm_packed_sdpa"
+
+
+def _packed_sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                 cu_seq_lens_q: Tensor | None = None, **kwargs):
+    """transformers' SDPA attention, run within each sample of a packed sequence (``cu_seq_lens_q``:
+    the samples' bounds, transformers' name for them), else as it is. On a CPU, one causal SDPA per
+    sample costs the sum of the samples' squared lengths, where a block-diagonal mask over the whole
+    sequence would cost its squared length. Registered with transformers' ``AttentionInterface``; the
+    masks are SDPA's (a packed sequence is given an all-ones mask, which SDPA's mask skips)."""
+    from transformers import AttentionInterface
+
+    sdpa = AttentionInterface()["sdpa"]
+    for key_name in ("cu_seq_lens_k", "max_length_q", "max_length_k", "is_causal"):
+        kwargs.pop(key_name, None)
+    if cu_seq_lens_q is None:
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+    bounds = cu_seq_lens_q.tolist()
+    parts = [sdpa(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, is_causal=True, **kwargs)[0]
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts, dim=1), None  # (1, T, heads, head_dim)
+
+
+def _register_packed_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, _packed_sdpa)
+    AttentionMaskInterface.register(PACKED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 class HFCausalLM(CausalLM):
@@ -186,5 +223,8 @@ class HFCausalLM(CausalLM):
             )
             self.model = AutoModelForCausalLM.from_config(config)
         self.hidden_size = self.model.config.hidden_size
+        if self.model.config._attn_implementation == "sdpa":  # packed batches: SDPA within each sample
+            _register_packed_attention()
+            self.model.set_attn_implementation(PACKED_ATTENTION)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()

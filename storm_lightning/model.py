@@ -31,6 +31,7 @@ from storm_lightning.data.batching import Batch
 from storm_lightning.data.datamodule import StormDataModule
 from storm_lightning.downsamplers import Downsampler
 from storm_lightning.llm import CausalLM
+from storm_lightning.lora import LoraSettings, add_lora, load_compatible
 from storm_lightning.projectors import Projector
 from storm_lightning.evaluation import MultipleChoiceMetrics, choice_scores, option_token_ids
 from storm_lightning.tokenizer import IGNORE_INDEX, load_tokenizer, media_token_ids
@@ -39,6 +40,22 @@ from storm_lightning.vision import VisionBackbone
 log = logging.getLogger(__name__)
 # model.loss_weighting -> p: a sample with n target tokens weighs each of them n^-p
 LOSS_WEIGHT_POWER = {"token": 0.0, "square": 0.5, "sample": 1.0}
+
+
+def pack(x: dict, head_mask: Tensor) -> dict:
+    """The padded rows of ``expand_inputs`` as one sequence (1, T) of their real tokens, T = the sum of
+    the rows' lengths, with positions restarting at each sample and ``cu_seqlens`` (B + 1,) bounding
+    them, so that the LLM attends within each sample only and computes nothing for padding. The
+    visual slots and head positions keep their row-major order, so ``visual`` and the logits are the
+    same tensors as unpacked."""
+    real = x["attention_mask"].bool()
+    lengths = real.sum(1)
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0))
+    starts = torch.repeat_interleave(cu_seqlens[:-1], lengths)
+    positions = torch.arange(int(cu_seqlens[-1]), device=real.device) - starts
+    return {"input_ids": x["input_ids"][real][None], "attention_mask": torch.ones_like(positions)[None],
+            "visual_mask": x["visual_mask"][real][None], "visual": x["visual"], "zero": x["zero"],
+            "head_mask": head_mask[real][None], "position_ids": positions[None], "cu_seqlens": cu_seqlens}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -64,6 +81,12 @@ class StormModel(L.LightningModule):
         fsdp_bf16: under FSDP2 on CUDA, compute in bf16 with fp32 gradient reduction.
         schedule_steps: length of the warmup + cosine schedule (default: ``trainer.max_steps``); set it
             when a run will be stopped and resumed with a different ``max_steps``.
+        pack_sequences: the LLM gets the samples of a batch as one sequence of their real tokens
+            (``pack``), each attending within itself, instead of rows padded to the longest: an image
+            next to 32-frame clips no longer costs a clip's length. The loss and the option scores are
+            those of the padded batch (tested to 1e-5).
+        lora_llm, lora_vision: LoRA adapters (``storm_lightning.lora``) on the LLM / the vision tower: its
+            weights stay fixed and its adapters train, at ``lr_llm`` / ``lr_vision``.
         loss_weighting: how the assistant tokens of a batch are averaged. ``token``: every token alike,
             so long answers dominate and a one-letter multiple-choice answer barely counts; ``sample``:
             every sample alike (token weight 1/n for a sample with n target tokens); ``square``: weight
@@ -94,7 +117,10 @@ class StormModel(L.LightningModule):
         max_nonfinite_steps: int = 20,
         fsdp_bf16: bool = True,
         schedule_steps: int | None = None,
+        pack_sequences: bool = True,
         loss_weighting: Literal["token", "sample", "square"] = "token",
+        lora_llm: LoraSettings | None = None,
+        lora_vision: LoraSettings | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["vision", "downsampler", "projector", "llm", "compressors"])
@@ -116,6 +142,12 @@ class StormModel(L.LightningModule):
         for module, frozen in ((vision, freeze_vision), (downsampler, freeze_projector),
                                (projector, freeze_projector), (llm, freeze_llm)):
             module.requires_grad_(not frozen)
+        for component, settings, frozen, key in ((llm, lora_llm, freeze_llm, "llm"),
+                                                 (vision, lora_vision, freeze_vision, "vision")):
+            if settings is not None:  # its own weights fixed, its adapters trained
+                _require(not frozen, f"model.lora_{key} adapts model.{key}, which model.freeze_{key}=true keeps "
+                                     "fixed: drop one of the two")
+                component.model = add_lora(component.model, settings, f"model.lora_{key}")
         if init_from is not None:
             self._load_init(init_from, init_from_strict)
         self._last_batch_end: float | None = None
@@ -192,11 +224,11 @@ class StormModel(L.LightningModule):
             raise MissingPathError(f"model.init_from: no such checkpoint '{path}'")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         state = checkpoint.get("state_dict", checkpoint)
-        result = self.load_state_dict(state, strict=False)
-        if strict and (result.missing_keys or result.unexpected_keys):
+        missing, unexpected = load_compatible(self, state)  # with or without LoRA adapters on either side
+        if strict and (missing or unexpected):
             raise ConfigError(
-                f"model.init_from='{path}' does not fit this model: missing {result.missing_keys[:5]} "
-                f"unexpected {result.unexpected_keys[:5]} (set model.init_from_strict=false to load what fits)"
+                f"model.init_from='{path}' does not fit this model: missing {missing[:5]} "
+                f"unexpected {unexpected[:5]} (set model.init_from_strict=false to load what fits)"
             )
         log.info("initialised from %s (%d tensors)", path, len(state))
 
@@ -302,9 +334,13 @@ class StormModel(L.LightningModule):
         x = self.expand_inputs(batch)
         targets = x["labels"][:, 1:]
         keep = targets != IGNORE_INDEX  # the LM head runs only where there is something to predict
+        head_mask = F.pad(keep, (0, 1))
         # one call into the LLM module: under FSDP2 its root parameters are gathered for exactly this call
-        _, logits = self.llm(x["input_ids"], x["attention_mask"], x["visual_mask"], x["visual"], x["zero"],
-                             head_mask=F.pad(keep, (0, 1)))
+        if self.hparams.pack_sequences and len(keep) > 1:
+            _, logits = self.llm(**pack(x, head_mask))
+        else:
+            _, logits = self.llm(x["input_ids"], x["attention_mask"], x["visual_mask"], x["visual"], x["zero"],
+                                 head_mask=head_mask)
         token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="none")
         rows = keep.nonzero()[:, 0]
         counts = keep.sum(1).clamp_min(1)

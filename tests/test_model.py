@@ -241,3 +241,42 @@ def test_choice_scores_read_the_position_that_predicts_the_answer_letter():
     oracle = F.one_hot(targets[keep], num_classes=len(tok)).float()
     scores = choice_scores(oracle, keep, model.option_token_ids)
     assert scores[:, :4].argmax(1).tolist() == [2, 0, 3]
+
+
+def test_packed_batches_give_the_padded_loss_and_option_scores():
+    """One sequence of the samples' real tokens, attention within each sample, == rows padded to the longest."""
+    from storm_lightning.llm import PACKED_ATTENTION
+
+    torch.manual_seed(0)
+    model = tiny(compressors=[TemporalAveragePool(2)]).eval()
+    assert model.llm.model.config._attn_implementation == PACKED_ATTENTION
+    batch = make_batch(model, frames=(8, 1, 0, 4, 1))  # rows of very different lengths
+    model.hparams.pack_sequences = False
+    padded = model(batch)
+    model.hparams.pack_sequences = True
+    packed = model(batch)
+    for key in ("loss", "sample_loss", "choice_scores"):
+        torch.testing.assert_close(packed[key], padded[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert packed["llm_tokens"] == padded["llm_tokens"]
+    padded_grads = torch.autograd.grad(padded["loss"], list(model.projector.parameters()), allow_unused=True)
+    packed_grads = torch.autograd.grad(packed["loss"], list(model.projector.parameters()), allow_unused=True)
+    for a, b in zip(padded_grads, packed_grads):
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_a_packed_sequence_does_not_attend_across_samples():
+    """Changing one sample's tokens leaves the other samples' logits as they were."""
+    from storm_lightning.model import pack
+
+    model = tiny().eval()
+    batch = make_batch(model, frames=(0, 0, 0))
+    x = model.expand_inputs(batch)
+    head = torch.ones_like(x["attention_mask"], dtype=torch.bool) & x["attention_mask"].bool()
+    with torch.no_grad():
+        _, before = model.llm(**pack(x, head))
+        x["input_ids"][0, :3] = 7  # the first sample only
+        _, after = model.llm(**pack(x, head))
+    first = int(x["attention_mask"][0].sum())
+    assert not torch.allclose(before[:first], after[:first])
+    torch.testing.assert_close(after[first:], before[first:])
