@@ -23,7 +23,11 @@ read, ``warm`` the best of two more (a data worker's steady state; not repeated 
   decoding, torchcodec's frames are resized like media.resize_frames.
 
 Then (not with --quick) the decoder threading comparison behind ``video._THREAD_TYPE`` (seek path: 32 frames
-over the 10-minute mkv; sequential path: the 300 frames of a 10-second clip) and the checks against the targets.
+over the 10-minute mkv; sequential path: the 300 frames of a 10-second clip), the checks against the targets,
+and the data module's throughput: for each video, a shard of ``SHARD_SAMPLES`` samples of it (a question and
+the video, or the frame folder stored frame by frame as ``storm-shards convert`` stores it), read by
+``StormDataModule`` with 2 workers, 32 frames at 224 px, batches of 1: samples per second after the first
+batch (the bundled 32-frame clips too).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ SIZE = 224
 FRAME_COUNTS = (32, 128)
 KEYINT = 250
 WORKER_TIMEOUT = 600  # seconds for one measurement
+SHARD_SAMPLES = 8
 
 
 # --- generation ----------------------------------------------------------------------------------------------
@@ -323,6 +328,7 @@ def main() -> None:
                 print(_row(name, count, method, results[name, count, method]), flush=True)
 
     if args.quick:
+        _datamodule_table({name: path for name, path in videos.items() if name.endswith("mkv")}, args.out)
         return
     long_mkv = videos["10min 640x360 mkv"]
     print(f"\ndecoder threading (video._THREAD_TYPE) on {os.path.basename(long_mkv)}, warm seconds\n")
@@ -333,6 +339,61 @@ def main() -> None:
         dense = run_worker("ours 10s clip", long_mkv, 300, thread_type)
         print(f"| {thread_type} | {_seconds(sparse.get('warm'))} | {_seconds(dense.get('warm'))} |", flush=True)
     _check_targets(results, others)
+    _datamodule_table(videos, args.out)
+
+
+def _shard_of(video: str, path: str, out: str) -> str:
+    """A shard of SHARD_SAMPLES samples, each a question about ``path`` (a video file or a frame folder)."""
+    import io
+    import json
+    import tarfile
+
+    from storm_lightning.data.video import frame_files
+
+    shard = os.path.join(out, "shard_" + video.replace(" ", "_") + ".tar")
+    if os.path.exists(shard):
+        return shard
+    meta = json.dumps({"conversations": [{"from": "human", "value": "<video>\nWhat happens?"},
+                                         {"from": "gpt", "value": "The texture pans."}], "fps": 1.0}).encode()
+    if os.path.isdir(path):
+        entries = {f"frame-{i:06d}.jpg": f for i, f in enumerate(frame_files(path))}
+    else:
+        entries = {os.path.splitext(path)[1].lstrip("."): path}
+    with tarfile.open(shard + ".partial", "w") as tar:
+        for n in range(SHARD_SAMPLES):
+            info = tarfile.TarInfo(f"{n:06d}.json")
+            info.size = len(meta)
+            tar.addfile(info, io.BytesIO(meta))
+            for ext, file in entries.items():
+                tar.add(file, arcname=f"{n:06d}.{ext}")
+    os.replace(shard + ".partial", shard)
+    return shard
+
+
+def _datamodule_rate(shard: str, frames: int, size: int) -> dict:
+    """Samples per second of the training loader (2 workers) over a shard, after its first batch."""
+    from storm_lightning.data import ShardSource, StormDataModule
+
+    dm = StormDataModule([ShardSource("v", shard, frames_per_clip=frames)], tokenizer_path=os.path.join(
+        ROOT, "data_shards/tokenizer"), image_size=size, batch_size=1, num_workers=2, shuffle_buffer=0)
+    batches = iter(dm.train_dataloader())
+    next(batches)  # workers started, first sample read
+    start, count = time.perf_counter(), 0
+    for _ in range(2 * SHARD_SAMPLES):
+        count += len(next(batches))
+    return {"samples_per_s": count / (time.perf_counter() - start)}
+
+
+def _datamodule_table(videos: dict[str, str], out: str) -> None:
+    print(f"\ndata module, 2 workers, 32 frames at {SIZE} px, batches of 1 (samples/s after the first batch)\n")
+    print("| shard of | samples/s |")
+    print("|---|---|")
+    bundled = os.path.join(ROOT, "data_shards/train/video32-000000.tar")
+    rows = [("bundled 32-frame 64 px clips (at 64 px)", bundled, 64)]
+    rows += [(name, _shard_of(name, path, out), SIZE) for name, path in videos.items()]
+    for name, shard, size in rows:
+        rate = _datamodule_rate(shard, 32, size)
+        print(f"| {name} | {rate['samples_per_s']:.2f} |", flush=True)
 
 
 def _check_targets(results: dict, others: list[str]) -> None:

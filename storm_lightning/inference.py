@@ -162,7 +162,7 @@ def generate(model: StormModel, prompt: str, pixel_values: torch.Tensor | None =
     """Answer ``prompt`` about ``pixel_values`` ((T, 3, S, S) uint8, or None): greedy at temperature 0,
     with the KV cache (``CausalLM.generate``). ``stream`` prints the answer as it comes; the answer ends
     before the first of the ``until`` strings."""
-    inputs, attention, _ = model.build_inputs(media_batch(model, prompt, pixel_values))
+    inputs, attention, _ = model.build_inputs(media_batch(model, prompt, pixel_values).to(model.device))
     tok = model.tokenizer
     shown = 0
 
