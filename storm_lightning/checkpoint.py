@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import pickle
 from pathlib import Path
@@ -26,12 +27,42 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from storm_lightning.errors import MissingPathError, UnsafeFileError, one_line_errors
+from storm_lightning.errors import MissingPathError, UnsafeFileError, UserError, one_line_errors
 
 log = logging.getLogger(__name__)
 
 
+def load_checkpoint_file(path: str | Path, what: str) -> dict:
+    """A single-file checkpoint, weights only (tensors and plain data; nothing in it can run), or a
+    one-line ``UserError`` naming ``what`` and the file: not a local file, a folder (a sharded checkpoint
+    needs conf/fsdp.yaml or storm-consolidate), a pickled object, a TorchScript archive, a cut file."""
+    text = str(path)
+    if "://" in text:
+        raise UnsafeFileError(f"{what}: '{text}' is not a local file: download checkpoints yourself and check them")
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what}: '{path}' is a folder: a sharded (FSDP2) checkpoint loads with --config "
+                        "conf/fsdp.yaml, or make one file of it with storm-consolidate")
+    if not path.is_file():
+        raise MissingPathError(f"{what}: no such checkpoint file '{path}'")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exn:
+        first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+        raise UnsafeFileError(f"{what}: {path} holds more than tensors and plain data, refused ({first})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, MemoryError, RecursionError) as exn:
+        raise UserError(f"{what}: {path} is not a readable checkpoint ({type(exn).__name__}: "
+                        f"{' '.join(str(exn).split())[:200]})") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{what}: {path} holds a {type(checkpoint).__name__}, not a checkpoint")
+    return checkpoint
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        """``--ckpt_path``: weights only, local files only (Lightning's own loader unpickles URLs freely)."""
+        return load_checkpoint_file(path, "--ckpt_path")
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -132,49 +163,90 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def verify_sharded_checkpoint(folder: str | Path) -> None:
-    """Raise ``UnsafeFileError`` unless every pickle in a sharded checkpoint folder holds only data.
+    """Raise ``UnsafeFileError`` unless a sharded checkpoint folder holds only data, of the sizes it says.
 
-    Reads each ``*.metadata`` with an unpickler that knows the metadata classes only, checks that every
-    storage file it names is inside the folder, and loads each non-tensor entry and Lightning's
-    ``meta.pt`` with ``torch.load(weights_only=True)``. Unpickling is deterministic: once these loads
-    succeed, torch's own unrestricted loads of the same bytes can only build the same objects.
+    Reads each ``*.metadata`` with an unpickler that knows the metadata classes only; checks that every
+    storage file it names is a regular file inside the folder and every entry lies within its file;
+    that its nesting paths (``planner_data``) spell their own keys (torch grows a list to an index it
+    reads there: a 1 KB file could ask for 10^11 entries) and its tensors fit in the bytes stored; and
+    loads each non-tensor entry and Lightning's ``meta.pt`` with ``torch.load(weights_only=True)``.
+    Unpickling is deterministic: once these loads succeed, torch's own unrestricted loads of the same
+    bytes can only build the same objects.
     """
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
-
     folder = Path(folder)
     metadata_files = sorted(folder.glob("*.metadata"))
     if not metadata_files:
         raise MissingPathError(f"'{folder}' is not a sharded checkpoint folder (no .metadata)")
     for path in metadata_files:
-        with open(path, "rb") as f:
-            try:
-                metadata = _MetadataUnpickler(f, path).load()
-            except UnsafeFileError:
-                raise
-            except Exception as exn:  # truncated, not a pickle, persistent ids, ...
-                raise UnsafeFileError(f"{path}: not a readable checkpoint index ({type(exn).__name__}: {exn})") from None
-        if not isinstance(metadata, Metadata):
-            raise UnsafeFileError(f"{path}: holds a {type(metadata).__name__}, not checkpoint metadata")
-        storage = metadata.storage_data or {}
-        for index, info in storage.items():
-            relative = Path(str(info.relative_path))
-            if relative.is_absolute() or ".." in relative.parts or len(relative.parts) != 1:
-                raise UnsafeFileError(f"{path}: entry {index.fqn} points outside the folder ('{relative}'): refused")
-        for fqn, item in metadata.state_dict_metadata.items():
-            if not isinstance(item, BytesStorageMetadata):
-                continue
-            infos = [info for index, info in storage.items() if index.fqn == fqn]
-            for info in infos:
-                if getattr(info, "transform_descriptors", None):
-                    raise UnsafeFileError(f"{path}: entry {fqn} is stored with transforms "
-                                          f"{list(info.transform_descriptors)} that cannot be verified: refused")
+        try:
+            _verify_index(folder, path)
+        except UnsafeFileError:
+            raise
+        except Exception as exn:  # anything else the index makes torch or us trip on
+            raise UnsafeFileError(f"{path}: not a valid checkpoint index ({type(exn).__name__}: "
+                                  f"{' '.join(str(exn).split())[:200]})") from None
+    extra = folder / "meta.pt"  # Lightning's non-tensor state (loops, callbacks, hyperparameters)
+    if extra.exists():
+        _regular_file(extra, folder)
+        _weights_only_load(extra, str(extra))
+
+
+def _regular_file(path: Path, folder: Path) -> int:
+    """The size of a file of the checkpoint, refusing links, devices and FIFOs."""
+    if path.is_symlink() or not path.is_file():
+        raise UnsafeFileError(f"{path}: not a regular file of {folder} (a link, a device, a FIFO): refused")
+    return path.stat().st_size
+
+
+def _verify_index(folder: Path, path: Path) -> None:
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+
+    if path.stat().st_size > 2**30:
+        raise UnsafeFileError(f"{path}: a checkpoint index of {path.stat().st_size} bytes: refused")
+    with open(path, "rb") as f:
+        try:
+            metadata = _MetadataUnpickler(f, path).load()
+        except UnsafeFileError:
+            raise
+        except Exception as exn:  # truncated, not a pickle, persistent ids, ...
+            raise UnsafeFileError(f"{path}: not a readable checkpoint index ({type(exn).__name__}: {exn})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) or not isinstance(
+            metadata.storage_data, dict):
+        raise UnsafeFileError(f"{path}: holds a {type(metadata).__name__} that is not checkpoint metadata")
+    sizes: dict[str, int] = {}
+    by_fqn: dict[str, list] = {}
+    for index, info in metadata.storage_data.items():
+        relative = Path(str(info.relative_path))
+        if relative.is_absolute() or ".." in relative.parts or len(relative.parts) != 1:
+            raise UnsafeFileError(f"{path}: entry {index.fqn} points outside the folder ('{relative}'): refused")
+        if str(relative) not in sizes:
+            sizes[str(relative)] = _regular_file(folder / relative, folder)
+        if not (0 <= info.offset and 0 <= info.length and info.offset + info.length <= sizes[str(relative)]):
+            raise UnsafeFileError(f"{path}: entry {index.fqn} lies outside {relative} (offset {info.offset}, "
+                                  f"length {info.length}, file {sizes[str(relative)]} bytes): refused")
+        if getattr(info, "transform_descriptors", None):
+            raise UnsafeFileError(f"{path}: entry {index.fqn} is stored with transforms "
+                                  f"{list(info.transform_descriptors)} that cannot be verified: refused")
+        by_fqn.setdefault(index.fqn, []).append(info)
+    for key, route in (metadata.planner_data or {}).items():
+        if (not isinstance(route, (tuple, list)) or ".".join(map(str, route)) != key
+                or any(isinstance(step, int) and not 0 <= step < 2**20 for step in route)):
+            raise UnsafeFileError(f"{path}: the nesting path of {key!r} is not its own key: refused")
+    stored = sum(sizes.values())
+    for fqn, item in metadata.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            numel = math.prod(item.size)
+            if numel * item.properties.dtype.itemsize > stored:
+                raise UnsafeFileError(f"{path}: tensor {fqn} of size {tuple(item.size)} is larger than the "
+                                      f"{stored} bytes stored: refused")
+        elif isinstance(item, BytesStorageMetadata):
+            for info in by_fqn.get(fqn, []):
                 with open(folder / str(info.relative_path), "rb") as f:
                     f.seek(info.offset)
                     data = f.read(info.length)
                 _weights_only_load(io.BytesIO(data), f"{folder / str(info.relative_path)} (entry {fqn})")
-    extra = folder / "meta.pt"  # Lightning's non-tensor state (loops, callbacks, hyperparameters)
-    if extra.is_file():
-        _weights_only_load(extra, str(extra))
+        else:
+            raise UnsafeFileError(f"{path}: entry {fqn} is a {type(item).__name__}: refused")
 
 
 def _weights_only_load(source, name: str):
@@ -183,6 +255,9 @@ def _weights_only_load(source, name: str):
     except pickle.UnpicklingError as exn:
         first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
         raise UnsafeFileError(f"{name}: holds more than tensors and plain data, refused ({first})") from None
+    except Exception as exn:  # a TorchScript archive, a cut file, ...
+        raise UnsafeFileError(f"{name}: not a weights-only torch file ({type(exn).__name__}: "
+                              f"{' '.join(str(exn).split())[:200]}): refused") from None
 
 
 def consolidate(sharded: str, output: str) -> dict:

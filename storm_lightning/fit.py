@@ -3,6 +3,7 @@ checkpoint saves, and a SIGTERM that stops the run wherever it is."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from storm_lightning.checkpoint import AtomicCheckpointIO
 from storm_lightning.data import StormDataModule
-from storm_lightning.errors import one_line_errors
+from storm_lightning.errors import ConfigError, one_line_errors
 from storm_lightning.host_memory import keep_freed_memory
 from storm_lightning.model import StormModel
 
@@ -68,12 +69,26 @@ class Terminated(BaseException):
 
 
 def _terminate(signum, frame) -> None:
-    if os.getpid() != _MAIN_PID:  # a forked data worker: leave quietly, the main process stops the run
-        sys.exit(128 + signum)
+    global _TERMINATING
+    if os.getpid() != _MAIN_PID:  # a forked data worker (SIGTERM to the process group): the main process
+        return  # stops the run and its workers; a worker dying first would be reported as a crash
+    _TERMINATING = True
     raise Terminated(signum)
 
 
 _MAIN_PID = os.getpid()
+_TERMINATING = False
+
+
+@contextlib.contextmanager
+def lightning_errors():
+    """Lightning's own misconfiguration errors (``--trainer.max_steps=-5``) as config errors: one line."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        yield
+    except MisconfigurationException as exn:
+        raise ConfigError(f"trainer: {exn}") from None
 
 
 def fit_main(args: list[str] | None = None) -> None:
@@ -90,9 +105,11 @@ def fit_main(args: list[str] | None = None) -> None:
     _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _terminate)  # Lightning adds its own handler in front of it
     try:
-        with one_line_errors("storm-fit"):
+        with one_line_errors("storm-fit"), lightning_errors():
             StormCLI(StormModel, StormDataModule, parser_class=StormArgumentParser, auto_configure_optimizers=False,
                      save_config_kwargs={"overwrite": True, "config_filename": config_filename(subcommand)})
-    except Terminated:
+    except (Terminated, Exception) as exn:
+        if not (isinstance(exn, Terminated) or _TERMINATING):  # an error of its own, not the stop's echo
+            raise
         sys.stderr.write("storm-fit: stopped by SIGTERM; resume from the last checkpoint with --ckpt_path\n")
         sys.exit(128 + signal.SIGTERM)

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from storm_lightning.compressors import Compressor
-from storm_lightning.errors import ConfigError, MissingPathError
+from storm_lightning.checkpoint import load_checkpoint_file
+from storm_lightning.errors import ConfigError, MissingPathError, UserError
 from storm_lightning.lora import merge
 from storm_lightning.model import StormModel
 from storm_lightning.data.batching import Batch
@@ -76,11 +77,9 @@ def load_model(checkpoint: str, config: str | None = None, compressors: list[Com
     ``checkpoint`` is a storm-fit ``.ckpt`` or a ``storm-export`` directory."""
     if Path(checkpoint).is_dir() and (Path(checkpoint) / EXPORT_CONFIG).is_file():
         return from_pretrained(checkpoint, compressors), {}
-    if not Path(checkpoint).is_file():
-        raise MissingPathError(f"--checkpoint: no such file '{checkpoint}'")
+    state = load_checkpoint_file(checkpoint, "--checkpoint")
     config = str(config or find_config(checkpoint))
     model, data = build_model(config, compressors)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     _load_weights(model, state.get("state_dict", state), f"{checkpoint} does not fit the model of {config}")
     return model.eval(), data
 
@@ -130,14 +129,35 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
     try:
         model_cfg = dict(json.loads((root / EXPORT_CONFIG).read_text())["model"])
         model_cfg["tokenizer_path"] = str(root / model_cfg["tokenizer_path"])
-    except (ValueError, KeyError, TypeError) as exn:
+    except (ValueError, KeyError, TypeError, RecursionError) as exn:
         raise ConfigError(f"{root / EXPORT_CONFIG}: not a storm-export config ({type(exn).__name__}: {exn})") from None
+    model_cfg["init_from"] = None  # the weights are this directory's
+    # a class_path is imported before it is checked to be a component: an export names ours only
+    foreign = sorted({v for v in _class_paths(model_cfg) if not v.startswith("storm_lightning.")})
+    if foreign:
+        raise ConfigError(f"{root / EXPORT_CONFIG}: names classes that are not storm_lightning components: {foreign}")
     model = instantiate(model_cfg, compressors, source=str(root / EXPORT_CONFIG))
-    missing, unexpected = load_safetensors(model, str(root / EXPORT_WEIGHTS), strict=False)  # tied weights: once
+    weights = root / EXPORT_WEIGHTS
+    if not weights.is_file() or weights.is_symlink():
+        raise UserError(f"{weights}: missing, or not a regular file")
+    try:
+        missing, unexpected = load_safetensors(model, str(weights), strict=False)  # tied weights: stored once
+    except Exception as exn:  # safetensors' errors: a bad header, a cut file
+        raise UserError(f"{weights}: not a readable safetensors file ({type(exn).__name__}: "
+                        f"{' '.join(str(exn).split())[:200]})") from None
     if missing or unexpected:
         raise ConfigError(f"{root / EXPORT_WEIGHTS} does not fit {root / EXPORT_CONFIG}: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}")
     return model.eval()
+
+
+def _class_paths(config) -> list[str]:
+    if isinstance(config, dict):
+        own = [config["class_path"]] if isinstance(config.get("class_path"), str) else []
+        return own + [p for v in config.values() for p in _class_paths(v)]
+    if isinstance(config, list):
+        return [p for v in config for p in _class_paths(v)]
+    return []
 
 
 def media_batch(model: StormModel, prompt: str, pixel_values: torch.Tensor | None) -> Batch:

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from storm_lightning.errors import ConfigError, MissingPathError
+from storm_lightning.checkpoint import load_checkpoint_file
+from storm_lightning.errors import ConfigError
 from storm_lightning.compressors import Compressor, TemporalAveragePool, VisualTokenCount, chain_output_shape
 from storm_lightning.data.batching import Batch
 from storm_lightning.data.datamodule import StormDataModule
@@ -34,7 +35,7 @@ from storm_lightning.llm import CausalLM
 from storm_lightning.lora import LoraSettings, add_lora, load_compatible
 from storm_lightning.projectors import Projector
 from storm_lightning.evaluation import MultipleChoiceMetrics, choice_scores, option_token_ids
-from storm_lightning.tokenizer import IGNORE_INDEX, load_tokenizer, media_token_ids
+from storm_lightning.tokenizer import IGNORE_INDEX, check_chat_format, load_tokenizer, media_token_ids
 from storm_lightning.vision import VisionBackbone
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,9 @@ class StormModel(L.LightningModule):
                  f"model.loss_weighting: expected token, sample or square, got {loss_weighting!r}")
         self._check_sizes()
 
-        self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path (linked to model.tokenizer_path)")
+        key = "data.tokenizer_path (linked to model.tokenizer_path)"
+        self.tokenizer = load_tokenizer(tokenizer_path, key=key)
+        check_chat_format(self.tokenizer, key)  # a template that cannot render (or tries to escape its sandbox)
         if llm.vocab_size < len(self.tokenizer):
             llm.resize_vocab(len(self.tokenizer))
         self.media_token_ids = media_token_ids(self.tokenizer)
@@ -220,9 +223,7 @@ class StormModel(L.LightningModule):
             fully_shard(component, mesh=dp_mesh, mp_policy=policy)
 
     def _load_init(self, path: str, strict: bool) -> None:
-        if not Path(path).is_file():
-            raise MissingPathError(f"model.init_from: no such checkpoint '{path}'")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint_file(path, "model.init_from")
         state = checkpoint.get("state_dict", checkpoint)
         missing, unexpected = load_compatible(self, state)  # with or without LoRA adapters on either side
         if strict and (missing or unexpected):
@@ -231,6 +232,19 @@ class StormModel(L.LightningModule):
                 f"unexpected {unexpected[:5]} (set model.init_from_strict=false to load what fits)"
             )
         log.info("initialised from %s (%d tensors)", path, len(state))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """``--ckpt_path`` of another model: one line naming what differs, before Lightning's load raises."""
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict) or getattr(self, "device_mesh", None) is not None:
+            return  # sharded checkpoints are matched by torch.distributed.checkpoint itself
+        own = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+        missing, unexpected = sorted(own.keys() - theirs.keys()), sorted(theirs.keys() - own.keys())
+        shapes = [f"{k} {theirs[k]} vs {own[k]}" for k in sorted(own.keys() & theirs.keys()) if own[k] != theirs[k]]
+        if missing or unexpected or shapes:
+            raise ConfigError(f"--ckpt_path is a checkpoint of another model than this config's: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}, other shapes {shapes[:3]}")
 
     # ---- forward ------------------------------------------------------------------------------------
 

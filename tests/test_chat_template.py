@@ -71,3 +71,16 @@ def test_a_template_that_cannot_give_labels_fails_at_build_naming_the_key(tmp_pa
     with pytest.raises(ConfigError, match="data.tokenizer_path: its chat template"):
         StormDataModule([ShardSource("t", str(SHARDS / "train/text-000000.tar"))], tokenizer_path=str(folder))
     assert json.loads((folder / "tokenizer_config.json").read_text())  # (a real tokenizer folder)
+
+
+def test_a_template_that_reaches_for_the_os_is_refused_at_build(tmp_path, llama3_tokenizer):
+    """The template runs in jinja's sandbox; what it trips on is one config error, nothing runs."""
+    from storm_lightning.errors import ConfigError
+    from storm_lightning.tokenizer import check_chat_format
+
+    marker = tmp_path / "pwned"
+    llama3_tokenizer.chat_template = "{{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}"
+    llama3_tokenizer.save_pretrained(tmp_path / "evil")
+    with pytest.raises(ConfigError, match="its chat template cannot be used"):  # (the model and data check it)
+        check_chat_format(load_tokenizer(str(tmp_path / "evil")), "data.tokenizer_path")
+    assert not marker.exists()

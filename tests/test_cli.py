@@ -56,6 +56,13 @@ def test_token_budget_batches_with_the_counts_linked_from_the_model(run_dir):
     assert (run_dir / "runs/long/checkpoints/last.ckpt").is_file()
 
 
+def test_resuming_a_checkpoint_of_another_model_is_one_line(run_dir):
+    storm_fit("--config", "conf/baseline_mlp.yaml", *FAST)
+    line = config_error_line(storm_fit("--config", "conf/sft.yaml", *FAST, "--trainer.max_steps=4",
+                                       "--ckpt_path=runs/baseline_mlp/checkpoints/last.ckpt", check=False))
+    assert "--ckpt_path is a checkpoint of another model than this config's" in line
+
+
 def config_error_line(proc) -> str:
     """The one line a config error prints (and nothing like a traceback)."""
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -119,17 +119,21 @@ STALLED_DATA = ("import time\n"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 1])
-def test_sigterm_stops_a_run_stalled_in_data_loading(run_dir, workers):
-    """Lightning stops on SIGTERM only between steps; a reader that never returns must not keep the run."""
+@pytest.mark.parametrize("workers, group", [(0, False), (1, False), (2, True)])
+def test_sigterm_stops_a_run_stalled_in_data_loading(run_dir, workers, group):
+    """Lightning stops on SIGTERM only between steps; a reader that never returns must not keep the run.
+    ``group``: the signal goes to every process of the run, data workers included (SLURM, Ctrl-C)."""
     proc = subprocess.Popen([sys.executable, "-c", STALLED_DATA, "--config", "conf/sft.yaml",
                              f"--data.num_workers={workers}", "--trainer.enable_progress_bar=false"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=group)
     try:
         time.sleep(12)  # built, and waiting for its first batch
         assert proc.poll() is None
         start = time.time()
-        proc.send_signal(signal.SIGTERM)
+        if group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:

@@ -191,9 +191,11 @@ def test_token_budget_batches_mix_clip_lengths_within_the_budget():
     assert lengths == {8, 32} and min(sizes) < max(sizes)  # clip lengths share the run; batch size varies
 
 
-def _text_and_image_module(tmp_path, start_step, workers, **kwargs):
-    text = write_tar(tmp_path / "text-000000.tar", {f"t{i:03d}": {"json": conv("hi", "yo.")} for i in range(40)})
-    image = write_tar(tmp_path / "image-000000.tar", {f"i{i:03d}": {"json": conv(), "png": png()} for i in range(40)})
+def _text_and_image_module(tmp_path, start_step, workers, rewrite=True, **kwargs):
+    text, image = str(tmp_path / "text-000000.tar"), str(tmp_path / "image-000000.tar")
+    if rewrite:
+        write_tar(text, {f"t{i:03d}": {"json": conv("hi", "yo.")} for i in range(40)})
+        write_tar(image, {f"i{i:03d}": {"json": conv(), "png": png()} for i in range(40)})
     return StormDataModule(
         train_sources=[ShardSource("text", text, 1.0), ShardSource("image", image, 1.0, start_step=start_step)],
         tokenizer_path=TOKENIZER, image_size=16, num_workers=workers, **{"shuffle_buffer": 0, **kwargs})

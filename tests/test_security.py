@@ -50,7 +50,9 @@ def test_checkpoints_load_weights_only(tmp_path):
 
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "evil": WritesAFile(str(marker))}, tmp_path / "evil.ckpt")
-    with pytest.raises(pickle.UnpicklingError):
+    from storm_lightning.errors import UnsafeFileError
+
+    with pytest.raises(UnsafeFileError, match="holds more than tensors and plain data, refused"):
         tiny(init_from=str(tmp_path / "evil.ckpt"))
     assert not marker.exists()
 

@@ -42,7 +42,7 @@ def test_export_naming_a_class_that_is_not_a_component(tmp_path):
     (tmp_path / "export/config.json").write_text(json.dumps({"format": "storm-lightning", "model": model}))
     line = one_line(run("storm_lightning.cli:chat_main", "--checkpoint", tmp_path / "export", "--prompt", "hi"),
                     "storm-chat")
-    assert "config.json: the model section does not build" in line
+    assert "config.json: names classes that are not storm_lightning components" in line
 
 
 @pytest.mark.parametrize("args, message", [(["--frames", "0"], "--frames must all be >= 1"),

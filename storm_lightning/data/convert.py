@@ -104,12 +104,12 @@ def read_annotations(path: str) -> Iterator[object]:
                 if line.strip():
                     try:
                         yield json.loads(line)
-                    except ValueError as exn:
+                    except (ValueError, RecursionError) as exn:
                         yield BadRecord("bad_json", f"line {n}: {exn}")
         return
     try:
         records = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exn:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exn:
         raise UserError(f"--annotations: {path} is not a JSON file ({exn}); a file of one record per line needs "
                         "the .jsonl extension") from None
     if isinstance(records, dict):  # some releases wrap the list: {"data": [...]} or {"annotations": [...]}
@@ -204,7 +204,25 @@ def resolve_media(root: Path, relative) -> Path:
         raise BadRecord("escapes_media_root", relative)
     if not path.exists():
         raise BadRecord("missing_media", relative)
+    if not (path.is_file() or path.is_dir()):  # a FIFO, a device: reading it could block or never end
+        raise BadRecord("unsupported_media", f"{relative}: not a regular file")
     return path
+
+
+def folder_frames(root: Path, folder: Path, relative: str) -> list[Path]:
+    """The frames of a frame-folder video, each checked like a record's path: a frame that is a link out
+    of the media root (or to a device) would otherwise be copied into a shard."""
+    from storm_lightning.data.video import frame_files
+
+    frames = []
+    for name in frame_files(folder):
+        frame = Path(name).resolve()
+        if not frame.is_relative_to(root):
+            raise BadRecord("escapes_media_root", f"{relative}/{Path(name).name}")
+        if not frame.is_file():
+            raise BadRecord("unsupported_media", f"{relative}/{Path(name).name}: not a regular file")
+        frames.append(frame)
+    return frames
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -215,7 +233,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def build_sample(item: Normalised, root: Path, opts: ConvertOptions) -> tuple[dict, dict[str, bytes], int]:
     """(json entry, media entries, bytes of the source medium), or BadRecord."""
-    from storm_lightning.data.video import FrameSampling, VideoReadError, frame_files, read_path, read_video
+    from storm_lightning.data.video import FrameSampling, VideoReadError, read_frame_folder, read_video
 
     meta, medium = dict(item.meta), item.medium
     if item.id is not None:
@@ -240,25 +258,30 @@ def build_sample(item: Normalised, root: Path, opts: ConvertOptions) -> tuple[di
         folder_fps = float(meta.get("fps", opts.folder_fps))
         if is_folder:
             meta["fps"] = folder_fps
-        frames = frame_files(path) if is_folder else None
-        source_bytes = sum(os.path.getsize(f) for f in frames) if frames else path.stat().st_size
+        frames = folder_frames(root, path, medium.path) if is_folder else None
+        source_bytes = sum(f.stat().st_size for f in frames) if frames else path.stat().st_size
+
+        def read(sampling: FrameSampling, size: int):  # the video file, or the checked frames
+            if frames:
+                return read_frame_folder(frames, sampling, size, fps=folder_fps)
+            return read_video(path, sampling, size)
+
         if opts.frames is not None:  # a small clip of the frames training will use
             from storm_lightning.data.synth import encode_mp4
 
             sampling = FrameSampling(frames=opts.frames, fps=opts.fps, max_frames=opts.frames,
                                      start=record.start, end=record.end)
-            clip = read_path(path, sampling, opts.size, folder_fps=folder_fps)
+            clip = read(sampling, opts.size)
             meta.update(frame_indices=clip.indices, timestamps=[round(t, 4) for t in clip.timestamps])
             for bound in ("start", "end", "fps"):  # applied: the clip is what lies between them
                 meta.pop(bound, None)
             fps = max(1, round(clip.fps))
             return meta, {"mp4": encode_mp4(list(clip.frames.permute(0, 2, 3, 1).numpy()), fps=fps)}, source_bytes
+        read(FrameSampling(frames=1, start=record.start, end=record.end), 8)  # it opens and decodes
         if frames:
-            read_path(path, FrameSampling(frames=1, start=record.start, end=record.end), 8, folder_fps=folder_fps)
             width = max(6, len(str(len(frames) - 1)))
-            return meta, {f"{FRAME_PREFIX}{i:0{width}d}.{Path(f).suffix.lower().lstrip('.')}": Path(f).read_bytes()
+            return meta, {f"{FRAME_PREFIX}{i:0{width}d}.{f.suffix.lower().lstrip('.')}": f.read_bytes()
                           for i, f in enumerate(frames)}, source_bytes
-        read_video(path, FrameSampling(frames=1, start=record.start, end=record.end), 8)  # it opens and decodes
         return meta, {ext: path.read_bytes()}, source_bytes
     except (VideoReadError, OSError, ValueError) as exn:  # Pillow, PyAV, the reader
         if isinstance(exn, BadRecord):
@@ -276,6 +299,10 @@ def write_shard(path: str, records: list[tuple[int, object]], root: str, opts: C
                 try:
                     item = normalise(record, opts.format)
                     meta, media, size = build_sample(item, Path(root), opts)
+                    try:
+                        encoded = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+                    except UnicodeEncodeError as exn:  # a lone surrogate ("\ud800") in a text
+                        raise BadRecord("bad_text", str(exn)) from None
                 except BadRecord as bad:
                     problems.append(_problem(index, record, bad.kind, bad.detail))
                     continue
@@ -283,7 +310,7 @@ def write_shard(path: str, records: list[tuple[int, object]], root: str, opts: C
                     problems.append(_problem(index, record, "unexpected_error", f"{type(exn).__name__}: {exn}"))
                     continue
                 key = f"{index:09d}"
-                _add(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+                _add(tar, f"{key}.json", encoded)
                 for ext, data in media.items():
                     _add(tar, f"{key}.{ext}", data)
                 written, source_bytes = written + 1, source_bytes + size

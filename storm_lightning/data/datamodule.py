@@ -49,10 +49,17 @@ class ShardSource:
     max_frames: int | None = None
 
     def shard_paths(self, key: str) -> list[str]:
-        # absolute paths: a relative glob can pick up a file named "pipe:...", which some readers run
-        paths = [os.path.abspath(p) for pattern in braceexpand(self.shards) for p in sorted(glob.glob(pattern))]
+        """Every shard of the pattern, as absolute paths (a relative glob can pick up a file named
+        "pipe:...", which some readers run). A name the braces spell out exactly must exist: a run that
+        quietly trained on 3 of 4 shards would be silent data loss."""
+        found = {pattern: sorted(glob.glob(pattern)) for pattern in braceexpand(self.shards)}
+        paths = [os.path.abspath(p) for matches in found.values() for p in matches]
         if not paths:
             raise MissingPathError(f"{key}: no shard matches '{self.shards}' (source '{self.name}')")
+        missing = [pattern for pattern, matches in found.items() if not matches and not glob.has_magic(pattern)]
+        if missing:
+            raise MissingPathError(f"{key}: no shard '{missing[0]}'{f' (and {len(missing) - 1} more)' if missing[1:] else ''}"
+                                   f" of '{self.shards}' (source '{self.name}')")
         return paths
 
     def check(self, key: str, limits: ReadLimits) -> None:

@@ -57,7 +57,7 @@ def parse_record(data: bytes) -> dict:
         raise BadRecord("record_too_large", f"{len(data)} bytes, over {MAX_RECORD_BYTES}")
     try:
         meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exn:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exn:
         raise BadRecord("bad_json", str(exn)) from None
     if not isinstance(meta, dict):
         raise BadRecord("not_an_object", f"a JSON {type(meta).__name__}")

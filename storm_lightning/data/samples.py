@@ -12,6 +12,8 @@ Any problem raises (``BadRecord``, ``VideoReadError``, ...): the stream skips an
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -62,6 +64,21 @@ class Sample:
         return 0 if self.pixel_values is None else len(self.pixel_values)
 
 
+def frame_entries(entries: dict) -> list[str]:
+    """A frame-folder sample's entries in frame order: ``frame-<number>.<ext>`` by the number, whether
+    zero-padded or not; a number given twice (``frame-3.jpg`` and ``frame-3.png``) is a bad sample."""
+    numbered = {}
+    for name in entries:
+        match = re.fullmatch(rf"{FRAME_PREFIX}(\d+)\.(\w+)", name)
+        if match is None:
+            continue
+        number = int(match.group(1))
+        if number in numbered:
+            raise BadRecord("duplicate_frame", f"{numbered[number]} and {name}")
+        numbered[number] = name
+    return [numbered[n] for n in sorted(numbered)]
+
+
 class _LazyFrames(Sequence):
     """A frame folder's entries, read only when the reader asks for that frame."""
 
@@ -106,7 +123,7 @@ class SampleProcessor:
         meta = parse_record(entry_bytes(raw.entries["json"]))
         images = [e for e in raw.entries if e in IMAGE_EXTS]
         videos = [e for e in raw.entries if e in VIDEO_EXTS]
-        frames = sorted(e for e in raw.entries if e.startswith(FRAME_PREFIX))
+        frames = frame_entries(raw.entries)
         kinds = bool(images) + bool(videos) + bool(frames)
         if kinds > 1 or len(images) > 1 or len(videos) > 1:
             raise BadRecord("several_media", f"entries {sorted(raw.entries)}: one medium per sample")
@@ -124,7 +141,7 @@ class SampleProcessor:
                 clip = self._read_video(raw.entries[videos[0]], sampling)
             else:
                 fps = meta.get("fps", 1.0)
-                if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+                if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 1e-3 <= fps <= 1e4:
                     raise BadRecord("bad_fps", f"fps={fps!r}")
                 clip = read_frame_folder(_LazyFrames([raw.entries[e] for e in frames]), sampling, self.image_size,
                                          fps=float(fps), limits=self.limits)
@@ -166,8 +183,11 @@ def _source_positions(meta: dict, indices: list[int], timestamps: list[float]) -
         if table is None:
             mapped.append(own)
             continue
-        if (not isinstance(table, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                   for v in table) or max(indices) >= len(table)):
-            raise BadRecord("bad_frame_table", f"{key} does not cover the clip's {max(indices) + 1} frames")
+        valid = (lambda v: isinstance(v, int) and 0 <= v < 2**40) if key == "frame_indices" else (
+            lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)
+        if (not isinstance(table, list) or not all(valid(v) and not isinstance(v, bool) for v in table)
+                or max(indices) >= len(table)):
+            raise BadRecord("bad_frame_table", f"{key}: not {'indices' if key == 'frame_indices' else 'seconds'} "
+                                               f"covering the clip's {max(indices) + 1} frames")
         mapped.append([table[i] for i in indices])
     return [int(i) for i in mapped[0]], [float(t) for t in mapped[1]]

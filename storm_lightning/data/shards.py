@@ -22,7 +22,10 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from storm_lightning.data.records import MAX_RECORD_BYTES
+
 EAGER_BYTES = 1 << 20
+MAX_STREAM_ENTRY = 1 << 30  # an entry of a compressed shard is read whole: more than this is a bad sample
 # WebDataset's key/extension split: the key is the path up to the first dot of the file name
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
@@ -125,7 +128,12 @@ def _group(tar: tarfile.TarFile, path: str, start: int, compressed: bool) -> Ite
             current = RawSample(key, {}, path, member.offset, end)
         if ext in current.entries:
             current.problem = f"duplicate_entry: {key}.{ext} twice in a row"
-        current.entries[ext] = _entry(tar, member, path, compressed, ext)
+        limit = MAX_RECORD_BYTES if ext == "json" else MAX_STREAM_ENTRY if compressed else None
+        if limit is not None and member.size > limit:  # never read: a 20 GB sparse json, a gzip bomb
+            current.problem = f"entry_too_large: {member.name} claims {member.size} bytes, over {limit}"
+            current.entries[ext] = b""
+        else:
+            current.entries[ext] = _entry(tar, member, path, compressed, ext)
         current.end = end
     if current is not None:
         yield current

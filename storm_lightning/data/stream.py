@@ -13,7 +13,9 @@ states; the mixing RNG. Resuming restores it in a few seeks: O(shards), not O(st
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import random
 from collections import Counter
 
@@ -118,7 +120,10 @@ class SourceReader:
     def state(self) -> dict:
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "offset": self.offset, "ordinal": self.ordinal,
                 "draining": self.draining, "good": self.good, "rng": self.rng.getstate(),
-                "buffer": [(pos, raw.offset) for pos, raw in self.buffer], "shards": len(self.shards)}
+                "buffer": [(pos, raw.offset) for pos, raw in self.buffer], "shards": shards_fingerprint(self.shards)}
+
+    def restore_fresh(self) -> None:
+        self.__init__(self.shards, self.seed, self.index, self.reader, self.readers, self.infinite, self.shuffle_buffer)
 
     def restore(self, state: dict) -> None:
         self.epoch, self.shard_pos, self.offset = state["epoch"], state["shard_pos"], state["offset"]
@@ -130,6 +135,13 @@ class SourceReader:
             wanted.setdefault(pos, []).append(offset)
         found = {pos: read_samples_at(self._mine[pos], offsets) for pos, offsets in wanted.items()}
         self.buffer = [(pos, found[pos][offset]) for pos, offset in state["buffer"]]
+
+
+def shards_fingerprint(shards: list[str]) -> str:
+    """What the byte offsets of a saved position refer to: each shard's name and size, in order (a
+    shard replaced by another of the same name would have offsets land in the middle of other samples)."""
+    listing = "\n".join(f"{os.path.basename(p)} {os.path.getsize(p)}" for p in shards)
+    return hashlib.sha1(listing.encode()).hexdigest()
 
 
 def _tuples(value):
@@ -226,11 +238,16 @@ class ShardStream(IterableDataset):
     def restore(self, state: dict) -> None:
         for source, reader in zip(self.sources, self.readers):
             saved = state["sources"].get(source.name)
-            if saved is None or saved["shards"] != len(reader.shards):
-                log.warning("data source '%s' is new or has other shards than in the checkpoint: it starts from "
-                            "its beginning", source.name)
+            if saved is None or saved["shards"] != shards_fingerprint(reader.shards):
+                log.warning("data source '%s' is new or its shards are not those of the checkpoint (names, sizes): "
+                            "it starts from its beginning", source.name)
                 continue
-            reader.restore(saved)
+            try:
+                reader.restore(saved)
+            except (ShardError, OSError, KeyError, StopIteration) as exn:
+                log.warning("data source '%s': its saved position cannot be read back (%s): it starts from its "
+                            "beginning", source.name, exn)
+                reader.restore_fresh()
         self.mix.setstate(_tuples(state["mix"]))
         self.skipped, self.seen, self.bad = Counter(state["skipped"]), Counter(state["seen"]), Counter(state["bad"])
 

@@ -1,0 +1,162 @@
+"""The second hostile pass's cases (docs/reliability.md): each was a code execution, a traceback, runaway
+memory or silent data loss, and is handled now."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from storm_lightning.errors import ConfigError, MissingPathError, UnsafeFileError, UserError
+from tests.conftest import SHARDS, TOKENIZER
+from tests.test_data import conv, png, write_tar
+from tests.test_security import WritesAFile, sharded_checkpoint
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "pwned"
+    yield path
+    assert not path.exists(), "a payload ran"
+
+
+def test_ckpt_path_urls_and_folders_are_refused(tmp_path, marker):
+    from storm_lightning.checkpoint import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    with pytest.raises(UnsafeFileError, match="is not a local file"):  # Lightning unpickled URLs freely
+        io.load_checkpoint("http://127.0.0.1:9/evil.ckpt")
+    with pytest.raises(UserError, match="is a folder: a sharded"):
+        io.load_checkpoint(tmp_path)
+    torch.save({"state_dict": {}, "evil": WritesAFile(str(marker))}, tmp_path / "evil.ckpt")
+    with pytest.raises(UnsafeFileError, match="refused"):
+        io.load_checkpoint(tmp_path / "evil.ckpt")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "script.ckpt")  # a TorchScript archive
+    with pytest.raises((UnsafeFileError, UserError)):
+        io.load_checkpoint(tmp_path / "script.ckpt")
+
+
+@pytest.mark.parametrize("attack", ["planner_index", "storage_symlink", "entry_past_the_file", "huge_tensor"])
+def test_sharded_checkpoints_that_would_exhaust_memory_are_refused(tmp_path, attack):
+    from storm_lightning.checkpoint import _MetadataUnpickler, verify_sharded_checkpoint
+
+    folder = sharded_checkpoint(tmp_path / "ckpt")
+    with open(folder / ".metadata", "rb") as f:
+        metadata = _MetadataUnpickler(f, folder).load()
+    if attack == "planner_index":  # torch grows a list to this index: a 1 KB file asking for 10^11 entries
+        metadata.planner_data = {"x": ("x", 10**11)}
+    elif attack == "storage_symlink":
+        (folder / "zero.distcp").symlink_to("/dev/zero")
+        for info in metadata.storage_data.values():
+            info.relative_path = "zero.distcp"
+    elif attack == "entry_past_the_file":
+        for info in metadata.storage_data.values():
+            info.length = 3 * 10**9
+    else:
+        for item in metadata.state_dict_metadata.values():
+            if hasattr(item, "size"):
+                item.size = torch.Size([2**20, 2**20])
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UnsafeFileError, match="refused"):
+        verify_sharded_checkpoint(folder)
+
+
+def test_an_export_is_built_from_its_own_components_and_weights_only(tmp_path, marker):
+    from storm_lightning.inference import from_pretrained, load_config
+
+    model = load_config(str(SHARDS.parent / "conf/sft.yaml"))["model"]
+    export = tmp_path / "export"
+    export.mkdir()
+    for bad, message in (({"projector": {"class_path": "this.Foo"}}, "not storm_lightning components"),
+                         ({}, "missing, or not a regular file")):
+        (export / "config.json").write_text(json.dumps({"model": {**model, **bad, "tokenizer_path": TOKENIZER,
+                                                                  "init_from": str(tmp_path / "evil.ckpt")}}))
+        torch.save({"evil": WritesAFile(str(marker))}, tmp_path / "evil.ckpt")  # ignored: an export's own weights
+        with pytest.raises((ConfigError, UserError), match=message):
+            from_pretrained(str(export))
+
+
+def test_a_frame_folder_linking_out_of_the_media_root_is_refused(tmp_path):
+    from PIL import Image
+
+    from storm_lightning.data.convert import convert
+
+    root, secret = tmp_path / "media", tmp_path / "secret"
+    (root / "vid").mkdir(parents=True)
+    secret.mkdir()
+    (secret / "id_rsa").write_bytes(b"SECRET-MARKER")
+    for i in range(3):
+        Image.new("RGB", (16, 16)).save(root / "vid" / f"frame_{i}.jpg")
+    (root / "vid" / "frame_3.jpg").symlink_to(secret / "id_rsa")
+    (root / "fifo").mkdir()
+    Image.new("RGB", (16, 16)).save(root / "fifo" / "frame_0.jpg")
+    os.mkfifo(root / "fifo" / "frame_1.jpg")  # reading it would block forever
+    turns = [{"from": "human", "value": "<video>\nhi"}, {"from": "gpt", "value": "yo."}]
+    (tmp_path / "a.json").write_text(json.dumps([{"video": "vid", "conversations": turns},
+                                                 {"video": "fifo", "conversations": turns}]))
+    report = convert(str(tmp_path / "a.json"), str(root), str(tmp_path / "out"), progress=False)
+    assert [p["problem"] for p in report["problems"]] == ["escapes_media_root", "unsupported_media"]
+    assert b"SECRET-MARKER" not in (tmp_path / "out/data-000000.tar").read_bytes()
+
+
+def test_one_bad_text_or_nesting_is_one_record_of_the_report(tmp_path):
+    from storm_lightning.data.convert import convert
+
+    (tmp_path / "media").mkdir()
+    good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo."}]}
+    surrogate = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "bad \ud800 x"}]}
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join([json.dumps(good), json.dumps(surrogate), "[" * 100_000 + "]" * 100_000,
+                               json.dumps(good)]) + "\n")
+    report = convert(str(path), str(tmp_path / "media"), str(tmp_path / "out"), progress=False)
+    assert report["written"] == 2 and [p["problem"] for p in report["problems"]] == ["bad_text", "bad_json"]
+
+
+def test_frames_are_read_in_number_order_and_twice_the_same_frame_is_bad(tmp_path):
+    from storm_lightning.data import ShardSource
+    from storm_lightning.data.samples import SampleProcessor
+    from storm_lightning.data.shards import read_shard
+    from storm_lightning.data.records import BadRecord
+
+    frames = {f"frame-{i}.png": png(size=16 + i) for i in range(12)}  # not zero-padded: frame-10 before frame-2
+    video = json.dumps({"conversations": [{"from": "human", "value": "<video>\nhi"}, {"from": "gpt", "value": "yo."}],
+                        "fps": 1}).encode()
+    shard = write_tar(tmp_path / "f-000000.tar", {"a": {"json": video, **frames},
+                                                  "b": {"json": video, "frame-1.png": png(), "frame-1.jpg": png()}})
+    processor = SampleProcessor(TOKENIZER, 16, 512)
+    samples = list(read_shard(shard))
+    first = processor(samples[0], ShardSource("f", shard, frames_per_clip=12))
+    assert first.frame_indices == list(range(12)) and first.timestamps == [float(i) for i in range(12)]
+    with pytest.raises(BadRecord, match="duplicate_frame"):
+        processor(samples[1], ShardSource("f", shard, frames_per_clip=12))
+
+
+def test_an_oversized_json_entry_is_never_read(tmp_path, monkeypatch):
+    import storm_lightning.data.shards as shards
+
+    monkeypatch.setattr(shards, "MAX_RECORD_BYTES", 100)  # (16 MB: a 20 GB sparse entry took the memory)
+    shard = write_tar(tmp_path / "j-000000.tar", {"big": {"json": conv("x" * 500, "yo.")}, "ok": {"json": b"{}"}})
+    big, ok = shards.read_shard(shard)
+    assert big.problem.startswith("entry_too_large") and big.entries["json"] == b"" and ok.problem is None
+
+
+def test_a_brace_pattern_with_a_shard_missing_fails_naming_it(tmp_path):
+    from storm_lightning.data import ShardSource
+
+    for i in (0, 1, 3):
+        write_tar(tmp_path / f"s-00000{i}.tar", {"a": {"json": conv("hi", "yo.")}})
+    with pytest.raises(MissingPathError, match=r"no shard '.*s-000002.tar'"):
+        ShardSource("s", str(tmp_path / "s-{000000..000003}.tar")).shard_paths("data.train_sources[0].shards")
+
+
+def test_resume_onto_replaced_shards_restarts_that_source(tmp_path, caplog):
+    from tests.test_data import _text_and_image_module, consume
+
+    _, state = consume(_text_and_image_module(tmp_path, start_step=0, workers=0, batch_size=4, shuffle_buffer=8), 5)
+    write_tar(tmp_path / "text-000000.tar", {f"u{i:03d}": {"json": conv("hello", "hey.")} for i in range(60)})
+    resumed = _text_and_image_module(tmp_path, start_step=0, workers=0, batch_size=4, shuffle_buffer=8,
+                                     rewrite=False)
+    resumed.load_state_dict(state)
+    keys = [k for b, _ in zip(resumed.train_dataloader(), range(3)) for k in b.keys]
+    assert len(keys) == 12 and "its shards are not those of the checkpoint" in caplog.text
