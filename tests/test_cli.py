@@ -81,7 +81,7 @@ def config_error_line(proc) -> str:
     (["--model.compressors+=SpatialAveragePool", "--model.compressors.init_args.kernel_size=3"],
      "model.compressors[0] (SpatialAveragePool): SpatialAveragePool kernel_size=3 must divide the 4x4 token grid"),
     (["--data.image_size=32"], "data.image_size=32 must equal the vision backbone's image size 64"),
-    (["--model.init_from=missing.ckpt"], "model.init_from: no such checkpoint 'missing.ckpt'"),
+    (["--model.init_from=missing.ckpt"], "model.init_from: no such checkpoint file 'missing.ckpt'"),
     (["--data.tokenizer_path=nowhere"], "data.tokenizer_path (linked to model.tokenizer_path): 'nowhere' is not a tokenizer"),
     (["--data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
     (["--data.batch_size=-1"], "data.batch_size must be >= 1, got -1"),
@@ -105,4 +105,4 @@ def test_yaml_errors_are_one_line(run_dir):
     line = config_error_line(storm_fit("--config", "conf/sft.yaml", "--config", "bad_key.yaml", *FAST, check=False))
     assert "lr_lm" in line
     line = config_error_line(storm_fit("--config", "conf/long.yaml", *FAST, check=False))  # no SFT run here
-    assert "model.init_from: no such checkpoint 'runs/sft/checkpoints/last.ckpt'" in line
+    assert "model.init_from: no such checkpoint file 'runs/sft/checkpoints/last.ckpt'" in line

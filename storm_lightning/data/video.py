@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import av
 import numpy as np
 import torch
-from av.video.reformatter import Interpolation, VideoReformatter
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from storm_lightning.data.media import IMAGE_EXTS, to_rgb, uniform_indices
@@ -121,7 +121,12 @@ class Clip:
 #    1280x720 -> 224: 0.90 ms vs 5.2 ms    1280x720 -> 64: 0.32 ms vs 4.3 ms
 # with a mean abs difference to torch's result of ~1 on smooth content, and closer than torch's to an
 # antialiased resize of the original rgb (0.7-2.5 vs 1.2-2.8): 3-16x faster at the same quality.
-_SCALE_FLAGS = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
+# The flags are libswscale's SWS_* values, passed as one int: PyAV 16 names them (Interpolation.FULL_CHR_H_INT
+# ...), PyAV 15 (the version lmms-eval 0.7.3 pins) takes the same int. PyAV 16 also takes the scaler's thread
+# count (one: frames are scaled one at a time, the decoder has the threads).
+_SWS_BILINEAR, _SWS_FULL_CHR_H_INT, _SWS_ACCURATE_RND = 0x2, 0x2000, 0x40000
+_SCALE_FLAGS = _SWS_BILINEAR | _SWS_FULL_CHR_H_INT | _SWS_ACCURATE_RND
+_SCALER_THREADS = {"threads": 1} if int(av.__version__.split(".")[0]) >= 16 else {}
 
 # Decoder threading: "AUTO" (frame + slice threads, FFmpeg's thread count). Measured on 2 cores, best of 5 reads
 # (wall s / CPU s), the seek path (32 frames over the video) and the sequential path (all 300 frames of 10 s):
@@ -492,7 +497,7 @@ def _rgb(frame: av.VideoFrame, size: int, scaler: VideoReformatter, limits: Read
         raise VideoTooLarge(f"{frame.width}x{frame.height} frame, over the limit of {limits.max_frame_pixels} pixels")
     rgb = scaler.reformat(
         frame, width=size, height=size, format="rgb24", interpolation=_SCALE_FLAGS,
-        src_color_range=frame.color_range, threads=1,
+        src_color_range=frame.color_range, **_SCALER_THREADS,
     ).to_ndarray()
     return np.rot90(rgb, round(frame.rotation / 90) % 4).transpose(2, 0, 1)
 
