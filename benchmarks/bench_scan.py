@@ -2,11 +2,21 @@
 
     python benchmarks/bench_scan.py            # everything (the transformers reference takes minutes)
     python benchmarks/bench_scan.py --quick    # skip the reference at (2, 2048, 256)
+    python benchmarks/bench_scan.py --scan     # the scan alone: time at the tiny default, peak memory at large shapes
+    python benchmarks/bench_scan.py --scan --shapes 1x1024x16384x16   # ... at the shapes given (b x d x l x n)
+    python benchmarks/bench_scan.py --scan --threads 1   # on a shared machine: 2 threads wait on each other
 
 Prints, for one mixer layer (forward direction, the same weights in both): forward and forward+backward
 times, their ratio, and the largest output difference; then the projector's share of a full StormModel
 forward on the tiny default config (conf/sft.yaml), and the peak memory of a 2-layer projector on a
 128-frame x 64-token clip.
+
+``--scan`` benchmarks ``selective_scan`` alone, called as the projector calls it (D, z, delta_bias,
+softplus): forward+backward time at the tiny default (medians, in this process), then, for each large
+shape in a fresh subprocess, the time of one forward+backward and the growth of peak resident memory
+(VmHWM) over the resident memory measured once the inputs and the output gradient exist. The growth
+includes what forward+backward must return: y and the gradients of u, delta and z, 4 (b, d, l) tensors
+(the "floor" column).
 """
 
 from __future__ import annotations
@@ -151,12 +161,98 @@ def bench_peak_memory(width: int) -> None:
     print(f"forward+backward {out[0]} s, peak resident memory of the process {out[1]} GiB")
 
 
+def scan_inputs(b: int, d: int, l: int, n: int, seed: int = 0) -> dict:
+    """The projector's call (BiMambaMixer._scan_direction): softplus(delta + delta_bias), A = -exp(A_log),
+    D and z gating, everything trained, in the projector's memory layouts: u (the convolution's output)
+    is a contiguous (b, d, l); delta and z are transposes of (b, l, .) linear outputs."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    x = {"u": r(b, d, l), "delta": (r(b, l, d) - 4).transpose(1, 2), "A": -torch.exp(r(d, n)), "B": r(b, n, l),
+         "C": r(b, n, l), "D": r(d), "z": r(b, l, 2 * d)[..., d:].transpose(1, 2), "delta_bias": r(d) * 0.1}
+    return {k: v.requires_grad_() for k, v in x.items()}
+
+
+def scan_grad(b: int, d: int, l: int) -> torch.Tensor:
+    """The gradient reaching y in the projector: out_proj's input is y.transpose(1, 2), so it is a transpose."""
+    return torch.randn(b, l, d).transpose(1, 2)
+
+
+def scan_fwd_bwd(x: dict, dy: torch.Tensor) -> None:
+    from storm_lightning.ops import selective_scan
+
+    for v in x.values():
+        v.grad = None
+    selective_scan(**x, delta_softplus=True).backward(dy)
+
+
+def bench_scan_time(b: int, d: int, l: int, n: int, repeats: int) -> None:
+    x = scan_inputs(b, d, l, n)
+    dy = scan_grad(b, d, l)
+    t = median_time(lambda: scan_fwd_bwd(x, dy), repeats, warmup=2)
+    print(f"scan alone (b, d, l, n) = ({b}, {d}, {l}, {n})  forward+backward {t * 1e3:9.1f} ms")
+
+
+SCAN_PEAK = """
+import sys, time, torch
+torch.set_num_threads({threads})
+sys.path.insert(0, {root!r})
+from benchmarks.bench_scan import scan_inputs, scan_grad, scan_fwd_bwd
+
+def status(key):  # kB -> bytes
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+scan_fwd_bwd(scan_inputs(1, 8, 64, 4), scan_grad(1, 8, 64))  # load and initialise everything first
+x = scan_inputs({b}, {d}, {l}, {n})
+dy = scan_grad({b}, {d}, {l})
+base = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
+    f.write("5")
+t = time.perf_counter()
+scan_fwd_bwd(x, dy)
+t = time.perf_counter() - t
+print(t, status("VmHWM:") - base, base)
+"""
+
+
+def bench_scan_memory(b: int, d: int, l: int, n: int) -> None:
+    code = SCAN_PEAK.format(root=ROOT, b=b, d=d, l=l, n=n, threads=torch.get_num_threads())
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    shape = f"({b}, {d}, {l}, {n})"
+    if out.returncode != 0:
+        print(f"{shape:22s} failed: {out.stderr.strip().splitlines()[-1:]}")
+        return
+    t, growth, base = (float(v) for v in out.stdout.split())
+    bdl, full = b * d * l * 4, b * d * l * n * 4
+    print(f"{shape:22s} {t:8.1f} s  {growth / 2**30:8.2f} GiB  {4 * bdl / 2**30:8.2f} GiB  "
+          f"{bdl / 2**30:8.3f} GiB  {full / 2**30:8.2f} GiB  (inputs resident: {base / 2**30:.2f} GiB)")
+
+
+def bench_scan(shapes: list[tuple[int, int, int, int]], repeats: int) -> None:
+    print("\n== selective_scan alone, as the projector calls it, float32")
+    bench_scan_time(8, 256, 512, 16, repeats)  # tiny default: 8 clips x 32 frames x 16 tokens, d_inner 256
+    bench_scan_time(2, 256, 512, 16, repeats)
+    print(f"\n{'(b, d, l, n)':22s} {'fwd+bwd':>10s}  {'peak RSS growth':>12s}  {'floor':>8s}  "
+          f"{'one (b,d,l)':>12s}  {'one (b,d,l,n)':>12s}")
+    for shape in shapes:
+        bench_scan_memory(*shape)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the slow reference at (2, 2048, 256)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--scan", action="store_true", help="benchmark selective_scan alone (time and peak memory)")
+    parser.add_argument("--shapes", default="1x1024x16384x16,1x7168x8192x16",
+                        help="with --scan: comma-separated b x d x l x n for the peak-memory runs")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.scan:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+        bench_scan(shapes, args.repeats)
+        return
     bench_mixer(2, 2048, 256, args.repeats, reference_repeats=0 if args.quick else 1)
     bench_mixer(4, 512, 128, args.repeats, reference_repeats=1)  # tiny default: 32 frames x 16 tokens
     bench_model_share(args.repeats)
