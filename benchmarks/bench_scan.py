@@ -4,7 +4,9 @@
     python benchmarks/bench_scan.py --quick    # skip the reference at (2, 2048, 256)
     python benchmarks/bench_scan.py --scan     # the scan alone: time at the tiny default, peak memory at large shapes
     python benchmarks/bench_scan.py --scan --shapes 1x1024x16384x16   # ... at the shapes given (b x d x l x n)
-    python benchmarks/bench_scan.py --scan --threads 1   # on a shared machine: 2 threads wait on each other
+    python benchmarks/bench_scan.py --scan --threads 1   # torch's thread count (default: its own choice)
+
+Every measurement runs as storm-fit runs on a CPU: freed host memory kept (storm_lightning.host_memory).
 
 Prints, for one mixer layer (forward direction, the same weights in both): forward and forward+backward
 times, their ratio, and the largest output difference; then the projector's share of a full StormModel
@@ -33,6 +35,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from storm_lightning.host_memory import keep_freed_memory  # noqa: E402
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -196,6 +199,8 @@ SCAN_PEAK = """
 import sys, time, torch
 torch.set_num_threads({threads})
 sys.path.insert(0, {root!r})
+from storm_lightning.host_memory import keep_freed_memory
+keep_freed_memory()
 from benchmarks.bench_scan import scan_inputs, scan_grad, scan_fwd_bwd
 
 def status(key):  # kB -> bytes
@@ -246,6 +251,7 @@ def main() -> None:
                         help="with --scan: comma-separated b x d x l x n for the peak-memory runs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    keep_freed_memory()  # as storm-fit on a CPU
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

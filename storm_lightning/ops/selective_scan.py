@@ -61,7 +61,6 @@ the result has the input dtype.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -87,9 +86,10 @@ def _plan(b: int, d: int, length: int, n: int, itemsize: int, chunk_size: int | 
     K: ``chunk_size`` if given, else ``default_chunk_size(l)``, doubled while a state (b, nc, n, d) is
     larger than ``_STATE_BYTES``, up to l. Each step's operations then work on at most 256 KiB, a
     block's buffers on S times that (4 MiB), and they stay in the CPU's caches from one step to the
-    next: the scan is memory-bound, and this is 2x faster than whole-chunk full-size buffers at the
-    tiny default (8 clips, one thread: 0.2 s against 0.44 s, forward+backward; bench_scan.py --scan), at
-    the price of more, smaller operations (about 7 K per forward+backward). It also bounds the states
+    next: the scan is memory-bound, and at the tiny default (8 clips, (8, 256, 512, 16), 2 threads,
+    freed host memory kept as storm-fit keeps it) forward+backward takes 124 ms against 149 ms for the
+    version with whole-chunk full-size buffers, at the price of more, smaller operations (about 7 K per
+    forward+backward). It also bounds the states
     alive at once to ``(3 S + 6) * _STATE_BYTES`` plus the K / S block checkpoints, full size / S.
 
     S = ``_BLOCK`` (or K if smaller): the checkpoints are then one (b, d, l) tensor's worth at n = 16.
@@ -204,33 +204,11 @@ def _delta_fn(delta_bias: Tensor | None, softplus: bool):
     return fn
 
 
-def _in_one_thread(fn):
-    """Runs ``fn`` with torch's CPU operations in the calling thread only. The scan is thousands of
-    cache-sized operations (above): split across threads they gain little (1.2x with 2 on an idle 2-core
-    machine), and each is a parallel region whose threads wait for one another, so when other processes
-    share the cores (storm-fit's data workers, other jobs) they lose badly: 2-50x, at random (measured
-    on the project's CPU machine, see benchmarks/bench_scan.py --scan). CUDA work is not affected."""
-
-    @functools.wraps(fn)
-    def wrapper(*args):
-        threads = torch.get_num_threads()
-        if threads == 1:
-            return fn(*args)
-        torch.set_num_threads(1)
-        try:
-            return fn(*args)
-        finally:
-            torch.set_num_threads(threads)
-
-    return wrapper
-
-
 class _ChunkedScan(torch.autograd.Function):
     """The whole of ``selective_scan`` on compute-dtype inputs (D, z, delta_bias may be None), with
     chunks of K steps processed in blocks of S (module docstring)."""
 
     @staticmethod
-    @_in_one_thread
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus: bool, K: int, S: int):
         (b, d, l), n = u.shape, A.shape[1]
         nc = -(-l // K)
@@ -273,7 +251,6 @@ class _ChunkedScan(torch.autograd.Function):
         return y4.flatten(1, 2)[:, :l].transpose(1, 2), last  # time-major, as the projector reads it
 
     @staticmethod
-    @_in_one_thread
     def backward(ctx, dy, _dlast):
         u, delta, A, B, C, D, z, delta_bias, H = ctx.saved_tensors
         K, S = ctx.K, ctx.S
