@@ -222,23 +222,26 @@ class _ChunkedScan(torch.autograd.Function):
             dl, s = _block(dl4, j0, j1), j1 - j0
             return _decay(dl, AT, dA_buf[:s]), _inputs(dl * _block(u4, j0, j1), _block(B4, j0, j1), X_buf[:s])
 
-        # 1. the state each chunk ends in from a zero start, all chunks at once (dA and X left intact)
         h = u.new_zeros(b, nc, n, d)
-        for j0, j1 in blocks:
-            dA, X = load(j0, j1)
-            for i in range(j1 - j0):
-                torch.addcmul(X[i], dA[i], h, out=h)
-        # 2. carry across chunks with each chunk's total decay exp(A * sum(delta))
-        chunk_decay = torch.exp(dl4.sum(2).unsqueeze(-2) * AT)  # (b, nc, n, d)
         H = torch.zeros_like(h)  # H[:, c]: the state entering chunk c
-        for c in range(1, nc):
-            torch.addcmul(h[:, c - 1], chunk_decay[:, c - 1], H[:, c - 1], out=H[:, c])
-        del chunk_decay
+        # One chunk (K = l, the case whenever all chunks' states would pass _STATE_BYTES, as at the tiny
+        # default) starts from zero: passes 1 and 2 are skipped, there is nothing to carry.
+        if nc > 1:
+            # 1. the state each chunk ends in from a zero start, all chunks at once (dA and X left intact)
+            for j0, j1 in blocks:
+                dA, X = load(j0, j1)
+                for i in range(j1 - j0):
+                    torch.addcmul(X[i], dA[i], h, out=h)
+            # 2. carry across chunks with each chunk's total decay exp(A * sum(delta))
+            chunk_decay = torch.exp(dl4.sum(2).unsqueeze(-2) * AT)  # (b, nc, n, d)
+            for c in range(1, nc):
+                torch.addcmul(h[:, c - 1], chunk_decay[:, c - 1], H[:, c - 1], out=H[:, c])
+            del chunk_decay
         # 3. every chunk again from its true initial state, reading y_t = (<C_t, h_t> + D u_t) silu(z_t)
         y4 = u.new_empty(b, nc, K, d)
         h.copy_(H)
         for j0, j1 in blocks:
-            if len(blocks) > 1:
+            if nc == 1 or len(blocks) > 1:  # else pass 1 left this one block's decays and inputs
                 dA, X = load(j0, j1)
             hs = _run_states(h, dA, X)
             y = _readout(hs, _block(C4, j0, j1), _block(u4, j0, j1), D)
@@ -277,26 +280,31 @@ class _ChunkedScan(torch.autograd.Function):
         # state entering it, dL/dh from a zero end. That is linear in what arrives at each block's end,
         # so it is the sum over blocks of each block's own adjoint from a zero end, times the decay
         # from the chunk's start to the block's, exp(A * (sum of delta before it)) <= 1: the blocks can
-        # be taken in forward order, sharing their decays with (a).
+        # be taken in forward order, sharing their decays with (a). With one chunk, (b) is not needed:
+        # nothing arrives at its end.
         entering, back = [H], torch.zeros_like(H)
         delta_before = u.new_zeros(b, nc, d)  # sum of delta from the chunk's start to the block's
         for j0, j1 in blocks:
             dl_k = _block(dl4, j0, j1)
-            dA, G = decay(j0, j1), adjoint_inputs(j0, j1, scan_grad(j0, j1))  # the last block's: kept for pass 2
-            c = torch.zeros_like(H)
-            for i in reversed(range(j1 - j0)):
-                c.add_(G[i]).mul_(dA[i])
-            back.addcmul_(torch.exp(delta_before.unsqueeze(-2) * AT), c)
-            delta_before += dl_k.sum(0)
+            dA = decay(j0, j1)  # the last block's: kept for pass 2
+            if nc > 1:
+                G = adjoint_inputs(j0, j1, scan_grad(j0, j1))  # the last block's: kept for pass 2
+                c = torch.zeros_like(H)
+                for i in reversed(range(j1 - j0)):
+                    c.add_(G[i]).mul_(dA[i])
+                back.addcmul_(torch.exp(delta_before.unsqueeze(-2) * AT), c)
+                delta_before += dl_k.sum(0)
             if j1 < K:
                 X = _inputs(dl_k * _block(u4, j0, j1), _block(B4, j0, j1), X_buf[: j1 - j0])
                 entering.append(_run_states(entering[-1], dA, X)[-1].clone())
         # carry backwards across chunks: R[:, c] arrives at the end of chunk c from chunk c + 1
-        chunk_decay = torch.exp(delta_before.unsqueeze(-2) * AT)
         R = torch.zeros_like(H)
-        for c in range(nc - 2, -1, -1):
-            torch.addcmul(back[:, c + 1], chunk_decay[:, c + 1], R[:, c + 1], out=R[:, c])
-        del chunk_decay, back
+        if nc > 1:
+            chunk_decay = torch.exp(delta_before.unsqueeze(-2) * AT)
+            for c in range(nc - 2, -1, -1):
+                torch.addcmul(back[:, c + 1], chunk_decay[:, c + 1], R[:, c + 1], out=R[:, c])
+            del chunk_decay
+        del back
         # Adjoint, pass 2, block by block from the last: recompute the block's states h, run its
         # adjoints g, and read the gradients off them. With X_t = delta_t u_t B_t, dA_t = exp(delta_t A),
         # y'_t = <C_t, h_t> + D u_t, y_t = y'_t silu(z_t), dy'_t = dy_t silu(z_t), Q_t = g_t dA_t h_{t-1}:
@@ -315,8 +323,10 @@ class _ChunkedScan(torch.autograd.Function):
         for (j0, j1), h0 in zip(reversed(blocks), reversed(entering)):
             dl_k, u_k, B_k, C_k, dy_k, z_k = (_block(t, j0, j1) for t in (dl4, u4, B4, C4, dy4, z4))
             du_k, dyp = dl_k * u_k, scan_grad(j0, j1)
-            if j1 < K:  # (the last block's dA and G are still there)
+            if j1 < K:  # (the last block's dA is still there, and its G if there are several chunks)
                 dA, G = decay(j0, j1), adjoint_inputs(j0, j1, dyp)
+            elif nc == 1:
+                G = adjoint_inputs(j0, j1, dyp)
             hs = _run_states(h0, dA, _inputs(du_k, B_k, X_buf[: j1 - j0]))
             _block(dC4, j0, j1).copy_(_contract_d(hs, dyp))
             if z is not None:
