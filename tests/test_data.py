@@ -191,6 +191,36 @@ def test_token_budget_batches_mix_clip_lengths_within_the_budget():
     assert lengths == {8, 32} and min(sizes) < max(sizes)  # clip lengths share the run; batch size varies
 
 
+
+def test_token_budget_batches_keep_to_the_batch_frame_limit():
+    """A budget that alone would take 4 clips of 32 frames a batch; data.max_batch_frames=64 closes
+    batches at 2 clips (plus images or text)."""
+    counts = {1: 16, 32: 512}
+    dm = StormDataModule(
+        train_sources=[ShardSource("v32", str(SHARDS / "train/video32-000000.tar"), 1.0, frames_per_clip=32),
+                       ShardSource("image", str(SHARDS / "train/image-000000.tar"), 1.0)],
+        tokenizer_path=TOKENIZER, image_size=64, num_workers=0, token_budget=4 * 600, shuffle_buffer=0,
+        visual_tokens=counts.__getitem__, max_batch_frames=64,
+    )
+    frames = [batch.frames_per_sample.tolist() for batch, _ in zip(dm.train_dataloader(), range(20))]
+    assert max(sum(f) for f in frames) <= 64
+    assert max(sum(t == 32 for t in f) for f in frames) == 2
+
+
+def test_batch_frame_limit_is_checked_at_build_naming_the_keys():
+    clips = ShardSource("v32", str(SHARDS / "train/video32-000000.tar"), frames_per_clip=32)
+    with pytest.raises(ConfigError, match=r"data.batch_size=16 x data.train_sources\[0\].frames_per_clip=32 is "
+                                          r"512 frames a batch, over data.max_batch_frames=256"):
+        StormDataModule([clips], tokenizer_path=TOKENIZER, batch_size=16, max_batch_frames=256)
+    with pytest.raises(ConfigError, match=r"data.val_batch_size=4 x data.eval_frames_per_clip=128 .* over "
+                                          r"data.max_batch_frames=256"):
+        StormDataModule([clips], [clips], tokenizer_path=TOKENIZER, batch_size=8, val_batch_size=4,
+                        eval_frames_per_clip=128, max_batch_frames=256)
+    # with a token budget, one sample of the longest clips must fit
+    with pytest.raises(ConfigError, match=r"data.train_sources\[0\].frames_per_clip=32 is 32 frames a batch"):
+        StormDataModule([clips], tokenizer_path=TOKENIZER, token_budget=4096, max_batch_frames=16)
+    StormDataModule([clips], tokenizer_path=TOKENIZER, batch_size=8, max_batch_frames=256)  # 256: fits
+
 def _text_and_image_module(tmp_path, start_step, workers, rewrite=True, **kwargs):
     text, image = str(tmp_path / "text-000000.tar"), str(tmp_path / "image-000000.tar")
     if rewrite:

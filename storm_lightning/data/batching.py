@@ -185,29 +185,33 @@ class TokenBudgetBatches(_Batches):
 
     ``visual_tokens(frames)`` gives a clip's visual tokens after the model's compressors (1 frame: an
     image), linked from the model by ``storm-fit``. A sample alone over the budget is a batch of one
-    (and a warning). At most ``max_samples`` per batch.
+    (and a warning). At most ``max_samples`` samples and ``max_frames`` frames (an image is one) per
+    batch (a sample never has more: ``data.max_batch_frames`` is checked against the sources).
     """
 
     def __init__(self, samples: ShardStream, budget: int, visual_tokens: Callable[[int], int], pad_id: int,
-                 max_samples: int = 256, resume: dict | None = None) -> None:
+                 max_samples: int = 256, resume: dict | None = None, max_frames: int | None = None) -> None:
         super().__init__(samples, pad_id, resume)
         self.budget, self.visual_tokens, self.max_samples = budget, visual_tokens, max_samples
+        self.max_frames = max_frames
 
     def cost(self, sample: Sample) -> int:
         frames = sample.frames
         return len(sample.input_ids) - (1 if frames else 0) + (self.visual_tokens(frames) if frames else 0)
 
     def _fill(self, samples, state):
-        batch, used = [], 0
+        batch, used, frames = [], 0, 0
         while True:
             before = state()  # where the stream stands if this sample opens the next batch
             sample = next(samples)
             cost = self.cost(sample)
-            if batch and (used + cost > self.budget or len(batch) == self.max_samples):
+            too_many_frames = self.max_frames is not None and frames + sample.frames > self.max_frames
+            if batch and (used + cost > self.budget or len(batch) == self.max_samples or too_many_frames):
                 yield batch, before
-                batch, used = [], 0
+                batch, used, frames = [], 0, 0
             if cost > self.budget:
                 log.warning("sample '%s' alone needs %d tokens, over data.token_budget=%d", sample.key, cost,
                             self.budget)
             batch.append(sample)
             used += cost
+            frames += sample.frames

@@ -90,7 +90,10 @@ class StormDataModule(L.LightningDataModule):
 
     What one video read may cost (a sample over a limit is skipped and counted): decoded frames of at
     most ``max_frame_pixels`` pixels (width x height), at most ``max_frames`` frames kept, at most
-    ``max_read_seconds`` seconds.
+    ``max_read_seconds`` seconds. What one batch may hold: at most ``max_batch_frames`` frames (an image
+    is one), checked at build time for batches of ``batch_size`` (its product with the most frames a
+    source's clips have) and kept by ``token_budget`` batching (a batch closes before a sample that
+    would pass it).
 
     Conversations are rendered with the tokenizer's own chat template when it has one, else ChatML;
     ``system_prompt`` opens every conversation that has no system turn.
@@ -122,6 +125,7 @@ class StormDataModule(L.LightningDataModule):
         max_frame_pixels: int = 8192 * 4320,
         max_frames: int = 1024,
         max_read_seconds: float | None = 120.0,
+        max_batch_frames: int = 4096,
         allow_data_restart: bool = False,
         system_prompt: str | None = None,
     ) -> None:
@@ -133,7 +137,7 @@ class StormDataModule(L.LightningDataModule):
                                   ("max_length", max_length, 2), ("shuffle_buffer", shuffle_buffer, 0),
                                   ("skip_rate_after", skip_rate_after, 1), ("max_frame_pixels", max_frame_pixels, 1),
                                   ("max_frames", max_frames, 1), ("eval_frames_per_clip", eval_frames_per_clip or 1, 1),
-                                  ("token_budget", token_budget or 1, 1)):
+                                  ("token_budget", token_budget or 1, 1), ("max_batch_frames", max_batch_frames, 1)):
             if value < least:  # a batch size of 0 would never yield a batch and keep every sample
                 raise ConfigError(f"data.{key} must be >= {least}, got {value}")
         if not 0.0 <= max_skip_rate <= 1.0:
@@ -151,11 +155,12 @@ class StormDataModule(L.LightningDataModule):
             raise ConfigError("data.train_sources: at least one source needs weight > 0 and start_step: 0, "
                               "or the first batches have nothing to draw from")
         self.train_sources, self.val_sources = list(train_sources), list(val_sources or [])
+        self.max_batch_frames, self.eval_frames_per_clip = max_batch_frames, eval_frames_per_clip
+        self._check_batch_frames(batch_size if token_budget is None else 1, val_batch_size or batch_size)
         self.tokenizer_path, self.image_size = tokenizer_path, image_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.max_length = num_workers, max_length
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        self.eval_frames_per_clip = eval_frames_per_clip
         self.max_skip_rate, self.skip_rate_after = max_skip_rate, skip_rate_after
         self.token_budget, self.visual_tokens = token_budget, visual_tokens
         self.allow_data_restart = allow_data_restart
@@ -168,6 +173,19 @@ class StormDataModule(L.LightningDataModule):
         self.system_prompt = system_prompt
         self.train_shards = [s.shard_paths(f"data.train_sources[{i}].shards") for i, s in enumerate(self.train_sources)]
         self.val_shards = [s.shard_paths(f"data.val_sources[{i}].shards") for i, s in enumerate(self.val_sources)]
+
+    def _check_batch_frames(self, train_batch: int, val_batch: int) -> None:
+        """A batch's frames (its size times the most frames a source's clips have) within max_batch_frames."""
+        frames = self.video_frames()
+        for prefix, size, key in (("data.train_sources", train_batch, "data.batch_size"),
+                                  ("data.val_sources", val_batch, "data.val_batch_size")):
+            most = max(((k, v) for k, v in frames.items() if k.startswith(prefix) or
+                        (prefix == "data.val_sources" and k == "data.eval_frames_per_clip")),
+                       key=lambda kv: kv[1], default=None)
+            if most is not None and size * most[1] > self.max_batch_frames:
+                what = f"{key}={size} x {most[0]}={most[1]}" if size > 1 else f"{most[0]}={most[1]}"
+                raise ConfigError(f"{what} is {size * most[1]} frames a batch, over data.max_batch_frames="
+                                  f"{self.max_batch_frames}: lower one or raise data.max_batch_frames")
 
     def video_frames(self) -> dict[str, int]:
         """The most frames each source's clips have, by config key (for the model's compressor checks)."""
@@ -200,7 +218,8 @@ class StormDataModule(L.LightningDataModule):
             if self.visual_tokens is None:
                 raise ConfigError("data.token_budget needs the model's visual-token counts (data.visual_tokens), "
                                   "which storm-fit links from the model")
-            batches = TokenBudgetBatches(stream, self.token_budget, self.visual_tokens, pad, resume=resume)
+            batches = TokenBudgetBatches(stream, self.token_budget, self.visual_tokens, pad, resume=resume,
+                                         max_frames=self.max_batch_frames)
         return DataLoader(batches, batch_size=None, **self._workers())
 
     def val_dataloader(self) -> DataLoader | list:
