@@ -165,6 +165,8 @@ class HFCausalLM(CausalLM):
     over 1024 tokens), or loaded from ``pretrained_path`` (a local ``save_pretrained`` directory), whose
     sizes come from its checkpoint: a size also given here must agree with it, or the build fails naming
     the key (a config written for Qwen2-7B then checks that the directory holds one).
+    ``pretrained_weights=False`` takes only the structure from ``pretrained_path`` (its config.json; the
+    weights come from elsewhere: a ``storm-export`` directory stores the LLM's config so).
     """
 
     def __init__(
@@ -180,6 +182,7 @@ class HFCausalLM(CausalLM):
         tie_word_embeddings: bool | None = None,
         extra_config: dict | None = None,
         pretrained_path: str | None = None,
+        pretrained_weights: bool = True,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -201,7 +204,10 @@ class HFCausalLM(CausalLM):
                     raise ConfigError(f"model.llm.init_args.{key}={value} contradicts the checkpoint in "
                                       f"{pretrained_path} ({key}={stored}): leave it out (it is read from the "
                                       "checkpoint) or point pretrained_path at another model")
-            self.model = AutoModelForCausalLM.from_pretrained(pretrained_path, trust_remote_code=False)
+            if pretrained_weights:
+                self.model = AutoModelForCausalLM.from_pretrained(pretrained_path, trust_remote_code=False)
+            else:
+                self.model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         else:
             sizes = {key: _LLM_SIZES[key][1] if value is None else value for key, value in given.items()}
             counts = [sizes[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",

@@ -77,6 +77,8 @@ class SiglipVisionBackbone(VisionBackbone):
     with it, or the build fails naming the key. ``image_size`` may differ from the checkpoint's: the
     tower then runs at that size with its position embeddings interpolated (e.g. so400m-384, a 27 x 27
     grid, at 448 px: 32 x 32), with one log line. ``select_layer=-2`` takes the penultimate layer, as VILA.
+    ``pretrained_weights=False`` takes only the structure from ``pretrained_path`` (its config.json; the
+    weights come from elsewhere: a ``storm-export`` directory stores the tower's config so).
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class SiglipVisionBackbone(VisionBackbone):
         intermediate_size: int | None = None,
         select_layer: int = -1,
         pretrained_path: str | None = None,
+        pretrained_weights: bool = True,
         variant: Literal["siglip", "siglip2"] = "siglip",
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -96,7 +99,7 @@ class SiglipVisionBackbone(VisionBackbone):
         given = {"patch_size": patch_size, "hidden_size": hidden_size, "num_layers": num_layers,
                  "num_heads": num_heads, "intermediate_size": intermediate_size}
         if pretrained_path is not None:
-            self.model = _load_siglip(pretrained_path)
+            self.model = _load_siglip(pretrained_path, pretrained_weights)
             config = self.model.config
             for key, value in given.items():
                 stored = getattr(config, _SIGLIP_SIZES[key][0])
@@ -160,8 +163,9 @@ def _native_image_size(config) -> int:
     return config.image_size
 
 
-def _load_siglip(path: str) -> nn.Module:
-    """A SigLIP / SigLIP2 vision tower from a local directory (a vision tower's or a whole model's)."""
+def _load_siglip(path: str, weights: bool = True) -> nn.Module:
+    """A SigLIP / SigLIP2 vision tower from a local directory (a vision tower's or a whole model's); with
+    ``weights=False`` only its config is read (random weights)."""
     from transformers import AutoConfig, Siglip2VisionModel, SiglipVisionModel
 
     _require_dir(path, "model.vision.init_args.pretrained_path")
@@ -175,7 +179,12 @@ def _load_siglip(path: str) -> nn.Module:
         raise ConfigError(f"model.vision.init_args.pretrained_path: {path} holds a '{model_type}' model, not a SigLIP "
                           "or SigLIP2 tower (use TimmViTBackbone for other vision transformers)")
     # the pooling head is not used: not loaded, never run
-    return towers[model_type].from_pretrained(path, vision_use_head=False)
+    if weights:
+        return towers[model_type].from_pretrained(path, vision_use_head=False)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    config = getattr(config, "vision_config", config)  # a whole SigLIP model's: its vision tower's
+    config.vision_use_head = False
+    return towers[model_type](config)
 
 
 def _new_siglip(variant: str, image_size: int, sizes: dict) -> nn.Module:

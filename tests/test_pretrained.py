@@ -133,3 +133,44 @@ def test_an_llm_loads_with_its_own_sizes_and_contradictions_fail(tmp_path):
     with pytest.raises(ConfigError, match=r"model.llm.init_args.num_layers=28 contradicts the checkpoint .*"
                                           r"\(num_layers=1\)"):
         HFCausalLM(pretrained_path=str(tmp_path / "qwen2"), num_layers=28)
+
+
+def test_an_export_needs_no_original_checkpoint_directory(tmp_path):
+    """A model built from a SigLIP tower and an LLM in local directories: storm-export writes their
+    configs beside the weights, and the export loads with both directories gone, weights equal."""
+    import shutil
+
+    import yaml
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from storm_lightning.inference import build_model, export, from_pretrained
+    from tests.conftest import ROOT
+
+    siglip_tower(tmp_path / "tower", 384, whole=True)
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=64, vocab_size=1024)).save_pretrained(tmp_path / "qwen2")
+    config = yaml.safe_load((ROOT / "conf/sft.yaml").read_text())
+    config["model"]["vision"]["init_args"] = {"pretrained_path": str(tmp_path / "tower")}
+    config["model"]["downsampler"]["init_args"]["input_dim"] = 32
+    config["model"]["llm"]["init_args"] = {"pretrained_path": str(tmp_path / "qwen2")}
+    config["data"]["tokenizer_path"] = str(ROOT / "data_shards/tokenizer")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    model, _ = build_model(str(tmp_path / "run.yaml"))
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "last.ckpt")
+
+    out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "export"), str(tmp_path / "run.yaml"))
+    shutil.rmtree(tmp_path / "tower")
+    shutil.rmtree(tmp_path / "qwen2")
+    assert (out / "vision/config.json").is_file() and (out / "llm/config.json").is_file()
+    loaded = from_pretrained(str(out))
+    assert loaded.vision.grid == (27, 27) and loaded.llm.model.config.num_hidden_layers == 1
+    theirs = loaded.state_dict()
+    assert all(torch.equal(value, theirs[key]) for key, value in model.state_dict().items())
+    # an export naming a directory outside itself is refused (its weights would be read from there)
+    import json
+
+    meta = json.loads((out / "config.json").read_text())
+    meta["model"]["llm"]["init_args"]["pretrained_path"] = str(tmp_path)
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"model.llm.init_args.pretrained_path must be a folder inside the export"):
+        from_pretrained(str(out))
