@@ -207,19 +207,27 @@ def test_token_budget_batches_keep_to_the_batch_frame_limit():
     assert max(sum(t == 32 for t in f) for f in frames) == 2
 
 
-def test_batch_frame_limit_is_checked_at_build_naming_the_keys():
+def test_fixed_size_batches_close_early_at_the_batch_frame_limit():
+    """batch_size 16 of clips (32 frames) and images: at most 64 frames a batch, so a batch closes before a
+    third clip."""
+    dm = StormDataModule(
+        train_sources=[ShardSource("v32", str(SHARDS / "train/video32-000000.tar"), 1.0, frames_per_clip=32),
+                       ShardSource("image", str(SHARDS / "train/image-000000.tar"), 1.0)],
+        tokenizer_path=TOKENIZER, image_size=64, num_workers=0, batch_size=16, shuffle_buffer=0,
+        max_batch_frames=64,
+    )
+    frames = [batch.frames_per_sample.tolist() for batch, _ in zip(dm.train_dataloader(), range(20))]
+    assert max(sum(f) for f in frames) <= 64 and max(sum(t == 32 for t in f) for f in frames) == 2
+    assert max(len(f) for f in frames) < 16  # closed early, before the 16th sample
+
+
+def test_a_clip_longer_than_the_batch_frame_limit_is_refused_at_build():
     clips = ShardSource("v32", str(SHARDS / "train/video32-000000.tar"), frames_per_clip=32)
-    with pytest.raises(ConfigError, match=r"data.batch_size=16 x data.train_sources\[0\].frames_per_clip=32 is "
-                                          r"512 frames a batch, over data.max_batch_frames=256"):
-        StormDataModule([clips], tokenizer_path=TOKENIZER, batch_size=16, max_batch_frames=256)
-    with pytest.raises(ConfigError, match=r"data.val_batch_size=4 x data.eval_frames_per_clip=128 .* over "
-                                          r"data.max_batch_frames=256"):
-        StormDataModule([clips], [clips], tokenizer_path=TOKENIZER, batch_size=8, val_batch_size=4,
-                        eval_frames_per_clip=128, max_batch_frames=256)
-    # with a token budget, one sample of the longest clips must fit
-    with pytest.raises(ConfigError, match=r"data.train_sources\[0\].frames_per_clip=32 is 32 frames a batch"):
-        StormDataModule([clips], tokenizer_path=TOKENIZER, token_budget=4096, max_batch_frames=16)
-    StormDataModule([clips], tokenizer_path=TOKENIZER, batch_size=8, max_batch_frames=256)  # 256: fits
+    with pytest.raises(ConfigError, match=r"data.train_sources\[0\].frames_per_clip=32 is over "
+                                          r"data.max_batch_frames=16: one clip would not fit"):
+        StormDataModule([clips], tokenizer_path=TOKENIZER, max_batch_frames=16)
+    images = ShardSource("image", str(SHARDS / "train/image-000000.tar"))
+    StormDataModule([images], tokenizer_path=TOKENIZER, batch_size=200)  # 200 images: fine
 
 def _text_and_image_module(tmp_path, start_step, workers, rewrite=True, **kwargs):
     text, image = str(tmp_path / "text-000000.tar"), str(tmp_path / "image-000000.tar")

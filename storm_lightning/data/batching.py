@@ -165,19 +165,27 @@ class _Batches(IterableDataset):
 
 
 class ResumableBatches(_Batches):
-    """Batches of ``batch_size`` samples."""
+    """Batches of ``batch_size`` samples, or fewer where the next sample would take the batch over
+    ``max_frames`` frames (an image is one; ``data.max_batch_frames``)."""
 
-    def __init__(self, samples: ShardStream, batch_size: int, pad_id: int, resume: dict | None = None) -> None:
+    def __init__(self, samples: ShardStream, batch_size: int, pad_id: int, resume: dict | None = None,
+                 max_frames: int | None = None) -> None:
         super().__init__(samples, pad_id, resume)
-        self.batch_size = batch_size
+        self.batch_size, self.max_frames = batch_size, max_frames
 
     def _fill(self, samples, state):
-        batch = []
-        for sample in samples:
+        batch, frames = [], 0
+        while True:
+            before = state()  # where the stream stands if this sample opens the next batch
+            sample = next(samples)
+            if batch and self.max_frames is not None and frames + sample.frames > self.max_frames:
+                yield batch, before
+                batch, frames = [], 0
             batch.append(sample)
+            frames += sample.frames
             if len(batch) == self.batch_size:
                 yield batch, state()
-                batch = []
+                batch, frames = [], 0
 
 
 class TokenBudgetBatches(_Batches):

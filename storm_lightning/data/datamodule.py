@@ -90,10 +90,9 @@ class StormDataModule(L.LightningDataModule):
 
     What one video read may cost (a sample over a limit is skipped and counted): decoded frames of at
     most ``max_frame_pixels`` pixels (width x height), at most ``max_frames`` frames kept, at most
-    ``max_read_seconds`` seconds. What one batch may hold: at most ``max_batch_frames`` frames (an image
-    is one), checked at build time for batches of ``batch_size`` (its product with the most frames a
-    source's clips have) and kept by ``token_budget`` batching (a batch closes before a sample that
-    would pass it).
+    ``max_read_seconds`` seconds. What one training batch may hold: at most ``max_batch_frames`` frames
+    (an image is one): a batch closes early, before a sample that would pass it; a source whose clips
+    alone would pass it is refused at build time.
 
     Conversations are rendered with the tokenizer's own chat template when it has one, else ChatML;
     ``system_prompt`` opens every conversation that has no system turn.
@@ -156,7 +155,7 @@ class StormDataModule(L.LightningDataModule):
                               "or the first batches have nothing to draw from")
         self.train_sources, self.val_sources = list(train_sources), list(val_sources or [])
         self.max_batch_frames, self.eval_frames_per_clip = max_batch_frames, eval_frames_per_clip
-        self._check_batch_frames(batch_size if token_budget is None else 1, val_batch_size or batch_size)
+        self._check_batch_frames()
         self.tokenizer_path, self.image_size = tokenizer_path, image_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.max_length = num_workers, max_length
@@ -174,18 +173,12 @@ class StormDataModule(L.LightningDataModule):
         self.train_shards = [s.shard_paths(f"data.train_sources[{i}].shards") for i, s in enumerate(self.train_sources)]
         self.val_shards = [s.shard_paths(f"data.val_sources[{i}].shards") for i, s in enumerate(self.val_sources)]
 
-    def _check_batch_frames(self, train_batch: int, val_batch: int) -> None:
-        """A batch's frames (its size times the most frames a source's clips have) within max_batch_frames."""
-        frames = self.video_frames()
-        for prefix, size, key in (("data.train_sources", train_batch, "data.batch_size"),
-                                  ("data.val_sources", val_batch, "data.val_batch_size")):
-            most = max(((k, v) for k, v in frames.items() if k.startswith(prefix) or
-                        (prefix == "data.val_sources" and k == "data.eval_frames_per_clip")),
-                       key=lambda kv: kv[1], default=None)
-            if most is not None and size * most[1] > self.max_batch_frames:
-                what = f"{key}={size} x {most[0]}={most[1]}" if size > 1 else f"{most[0]}={most[1]}"
-                raise ConfigError(f"{what} is {size * most[1]} frames a batch, over data.max_batch_frames="
-                                  f"{self.max_batch_frames}: lower one or raise data.max_batch_frames")
+    def _check_batch_frames(self) -> None:
+        """Every source's clips fit in a training batch alone (max_batch_frames)."""
+        for key, frames in self.video_frames().items():
+            if frames > self.max_batch_frames:
+                raise ConfigError(f"{key}={frames} is over data.max_batch_frames={self.max_batch_frames}: one clip "
+                                  "would not fit in a batch; lower one or raise data.max_batch_frames")
 
     def video_frames(self) -> dict[str, int]:
         """The most frames each source's clips have, by config key (for the model's compressor checks)."""
@@ -213,7 +206,7 @@ class StormDataModule(L.LightningDataModule):
                              max_skip_rate=self.max_skip_rate, skip_rate_after=self.skip_rate_after)
         pad = self.tokenizer.pad_token_id
         if self.token_budget is None:
-            batches = ResumableBatches(stream, self.batch_size, pad, resume)
+            batches = ResumableBatches(stream, self.batch_size, pad, resume, max_frames=self.max_batch_frames)
         else:
             if self.visual_tokens is None:
                 raise ConfigError("data.token_budget needs the model's visual-token counts (data.visual_tokens), "

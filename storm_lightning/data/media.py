@@ -39,9 +39,16 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"))  # a writable copy
 
 
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """Image bytes -> (1, 3, size, size) uint8."""
+# what one decoded image or video frame may hold by default (data.max_frame_pixels): 8K
+MAX_FRAME_PIXELS = 8192 * 4320
+
+
+def decode_image(data: bytes, size: int, max_pixels: int = MAX_FRAME_PIXELS) -> torch.Tensor:
+    """Image bytes -> (1, 3, size, size) uint8. Over ``max_pixels`` (width x height, read from the header
+    before anything is decoded): ValueError."""
     with Image.open(io.BytesIO(data)) as img:
+        if img.width * img.height > max_pixels:
+            raise ValueError(f"{img.width}x{img.height} image, over the limit of {max_pixels} pixels")
         img.load()
         return resize_frames(to_rgb(img)[None], size)
 

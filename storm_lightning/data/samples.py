@@ -131,7 +131,8 @@ class SampleProcessor:
 
         pixel_values, indices, timestamps, clip_frames, placeholder = None, [], [], 0, VIDEO_TOKEN
         if images:
-            pixel_values = decode_image(entry_bytes(raw.entries[images[0]]), self.image_size)
+            pixel_values = decode_image(entry_bytes(raw.entries[images[0]]), self.image_size,
+                                        self.limits.max_frame_pixels)
             indices, timestamps, clip_frames, placeholder = [0], [0.0], 1, IMAGE_TOKEN
         elif videos or frames:
             sampling = FrameSampling(frames=self.frames_per_clip or source.frames_per_clip,

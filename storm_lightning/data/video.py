@@ -26,6 +26,7 @@ import array
 import contextlib
 import io
 import itertools
+import math
 import os
 import re
 import time
@@ -38,7 +39,7 @@ import torch
 from av.video.reformatter import VideoReformatter
 from PIL import Image
 
-from storm_lightning.data.media import IMAGE_EXTS, to_rgb, uniform_indices
+from storm_lightning.data.media import IMAGE_EXTS, MAX_FRAME_PIXELS, to_rgb, uniform_indices
 
 
 class VideoReadError(ValueError):
@@ -74,8 +75,12 @@ class FrameSampling:
     def __post_init__(self):
         if self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.fps is not None and not 0 < self.fps < math.inf:
+            raise ValueError(f"fps must be > 0 and finite, got {self.fps}")
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number of seconds, got {value}")
         if self.max_frames is not None and self.max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
         if self.start is not None and self.end is not None and not self.start < self.end:
@@ -91,7 +96,7 @@ class ReadLimits:
     ``max_seconds``: wall-clock budget per read, checked between packets and decoded frames.
     """
 
-    max_frame_pixels: int = 8192 * 4320
+    max_frame_pixels: int = MAX_FRAME_PIXELS
     max_frames: int = 1024
     max_seconds: float | None = None
 
@@ -162,12 +167,12 @@ def read_video(source, sampling: FrameSampling, size: int, limits: ReadLimits = 
 
 
 def _read_video(opener, sampling: FrameSampling, size: int, limits: ReadLimits) -> Clip:
+    _check_count(sampling, limits)
     deadline = _Deadline(limits.max_seconds)
     with opener.open() as container:
         stream = _video_stream(container, limits)
         index = _index(container, stream, deadline)
         wanted = _sample(index.times, sampling, index.fps)
-        _check_count(wanted, limits)
         slots = _slots(wanted)
         frames = np.empty((len(wanted), 3, size, size), dtype=np.uint8)  # all a read keeps
         scaler = VideoReformatter()
@@ -200,10 +205,10 @@ def read_frame_folder(
         raise ValueError(f"fps must be > 0, got {fps}")
     if not images:
         raise VideoReadError("frame folder has no images")
+    _check_count(sampling, limits)
     deadline = _Deadline(limits.max_seconds)
     times = np.arange(len(images)) / fps
     wanted = _sample(times, sampling, fps)
-    _check_count(wanted, limits)
     frames = np.empty((len(wanted), 3, size, size), dtype=np.uint8)
     for i, slots in sorted(_slots(wanted).items()):
         deadline.check()
@@ -234,9 +239,12 @@ def read_path(path: str | os.PathLike, sampling: FrameSampling, size: int, limit
     return read_video(path, sampling, size, limits)
 
 
-def _check_count(wanted: list[int], limits: ReadLimits) -> None:
-    if len(wanted) > limits.max_frames:
-        raise VideoTooLarge(f"{len(wanted)} frames asked for, over the limit of {limits.max_frames}")
+def _check_count(sampling: FrameSampling, limits: ReadLimits) -> None:
+    """Before anything is read or sampled: the most frames ``sampling`` can return (fps steps are capped
+    at ``max_frames``, default ``frames``) within the limit."""
+    most = (sampling.max_frames or sampling.frames) if sampling.fps is not None else sampling.frames
+    if most > limits.max_frames:
+        raise VideoTooLarge(f"{most} frames asked for, over the limit of {limits.max_frames}")
 
 
 def _slots(wanted: list[int]) -> dict[int, list[int]]:
@@ -410,7 +418,9 @@ def _sample(times: np.ndarray, sampling: FrameSampling, fps: float) -> list[int]
     if not len(inside):
         raise VideoReadError(f"no frames in [{start}, {end}) s (the video lasts {times.max() + 1 / fps:.2f} s)")
     cap = sampling.max_frames or sampling.frames
-    if sampling.fps is not None:
+    # the number of fps steps before any is made: an `end` far past the video (or a timestamp that lies)
+    # must not allocate seconds x fps of them
+    if sampling.fps is not None and (end - start) * sampling.fps <= cap + 1:
         steps = start + np.arange(int(np.ceil((end - start) * sampling.fps))) / sampling.fps
         steps = steps[steps < end]
         if len(steps) <= cap:
