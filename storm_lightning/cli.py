@@ -11,6 +11,27 @@ from pathlib import Path
 from storm_lightning.errors import ConfigError, MissingPathError, UserError, one_line_errors
 
 
+def _in_range(kind, low, high):
+    """An argparse type: a number of ``kind`` in [low, high] (argparse prints the error in one line)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low <= value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}], got {text}")
+        return value
+
+    return parse
+
+
+# bounds of the media options: the reader's data.max_frames default, a generous image side, the frame
+# rates a frame-folder record may carry (samples.py refuses others as bad_fps)
+FRAMES, SIDE = _in_range(int, 1, 1024), _in_range(int, 1, 2048)
+FPS = _in_range(float, 1e-3, 1e4)
+
+
 def shards_main(args: list[str] | None = None) -> None:
     """``storm-shards synth|convert|check``: make, import and validate WebDataset shards."""
     parser = argparse.ArgumentParser(prog="storm-shards", description=shards_main.__doc__)
@@ -31,19 +52,19 @@ def shards_main(args: list[str] | None = None) -> None:
     conv.add_argument("--prefix", default="data")
     conv.add_argument("--samples-per-shard", type=int, default=1000)
     conv.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    conv.add_argument("--frames", type=int, help="store N frames of each video (sampled now) instead of the video")
-    conv.add_argument("--size", type=int, help="... resized to S x S (with --frames)")
-    conv.add_argument("--fps", type=float, help="... one every 1/FPS seconds, at most --frames (with --frames)")
-    conv.add_argument("--folder-fps", type=float, default=1.0, help="frame rate of frame-folder videos")
+    conv.add_argument("--frames", type=FRAMES, help="store N frames of each video (sampled now) instead of the video")
+    conv.add_argument("--size", type=SIDE, help="... resized to S x S (with --frames)")
+    conv.add_argument("--fps", type=FPS, help="... one every 1/FPS seconds, at most --frames (with --frames)")
+    conv.add_argument("--folder-fps", type=FPS, default=1.0, help="frame rate of frame-folder videos")
     conv.add_argument("--category", help="category of records that name none (default for mvbench: the file name)")
     chk = sub.add_parser("check", help="read every sample of the given shards as training does; exit 1 if any is bad")
     chk.add_argument("shards", nargs="+", help="shard paths or brace patterns")
     chk.add_argument("--config", help="a storm-fit config: read as its data section says (tokenizer, image size, "
                                       "max length; a listed source's frames)")
     chk.add_argument("--tokenizer", default="data_shards/tokenizer")
-    chk.add_argument("--image-size", type=int, default=64)
-    chk.add_argument("--max-length", type=int, default=4096)
-    chk.add_argument("--frames", type=int, default=32, help="frames sampled from each video")
+    chk.add_argument("--image-size", type=SIDE, default=64)
+    chk.add_argument("--max-length", type=_in_range(int, 2, 10**7), default=4096)
+    chk.add_argument("--frames", type=FRAMES, default=32, help="frames sampled from each video")
     chk.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     opts = parser.parse_args(args)
     with one_line_errors("storm-shards"):
@@ -128,11 +149,11 @@ def chat_main(args: list[str] | None = None) -> None:
     media.add_argument("--image")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--frames", type=int, default=32, help="frames sampled uniformly from the video")
-    parser.add_argument("--fps", type=float, help="instead: one frame every 1/FPS seconds, at most --max-frames")
+    parser.add_argument("--fps", type=FPS, help="instead: one frame every 1/FPS seconds, at most --max-frames")
     parser.add_argument("--max-frames", type=int, help="cap for --fps (default: --frames)")
     parser.add_argument("--start", type=float, help="clip bounds in seconds")
     parser.add_argument("--end", type=float)
-    parser.add_argument("--folder-fps", type=float, default=1.0, help="frame rate of a --video frame folder")
+    parser.add_argument("--folder-fps", type=FPS, default=1.0, help="frame rate of a --video frame folder")
     parser.add_argument("--temporal-pool", type=int, metavar="K", help="replace the compressors: pool K frames")
     parser.add_argument("--spatial-pool", type=int, metavar="P", help="... and/or pool P x P tokens")
     parser.add_argument("--temporal-sample", type=int, metavar="S", help="... and/or keep every S-th frame")

@@ -111,6 +111,8 @@ def export(checkpoint: str, out_dir: str, config: str | None = None) -> Path:
         component.model = merge(component.model)
         model_cfg[key] = None
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out_dir}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     for key in STRUCTURE_FROM_CONFIG:
         init_args = model_cfg.get(key, {}).get("init_args") if isinstance(model_cfg.get(key), dict) else None

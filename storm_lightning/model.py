@@ -129,6 +129,13 @@ class StormModel(L.LightningModule):
         self.compressors = nn.ModuleList(compressors or [])
         _require(loss_weighting in LOSS_WEIGHT_POWER,
                  f"model.loss_weighting: expected token, sample or square, got {loss_weighting!r}")
+        for key, value in (("lr_vision", lr_vision), ("lr_projector", lr_projector), ("lr_llm", lr_llm),
+                           ("weight_decay", weight_decay)):  # a negative rate trains by gradient ascent
+            _require(math.isfinite(value) and value >= 0, f"model.{key} must be a finite number >= 0, got {value}")
+        _require(0 <= min_lr_ratio <= 1, f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        _require(len(betas) == 2 and all(0 <= b < 1 for b in betas),
+                 f"model.betas must be two numbers in [0, 1), got {list(betas)}")
+        _require(warmup_steps >= 0, f"model.warmup_steps must be >= 0, got {warmup_steps}")
         self._check_sizes()
 
         key = "data.tokenizer_path (linked to model.tokenizer_path)"

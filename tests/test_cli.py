@@ -84,6 +84,7 @@ def config_error_line(proc) -> str:
     (["--model.init_from=missing.ckpt"], "model.init_from: no such checkpoint file 'missing.ckpt'"),
     (["--data.tokenizer_path=nowhere"], "data.tokenizer_path (linked to model.tokenizer_path): 'nowhere' is not a tokenizer"),
     (["--data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
+    (["--model.lr_llm=-1"], "model.lr_llm must be a finite number >= 0, got -1.0"),  # gradient ascent, before
     (["--data.batch_size=-1"], "data.batch_size must be >= 1, got -1"),
     (["--data.num_workers=-2"], "data.num_workers must be >= 0, got -2"),
     (["--data.train_sources=[{name: t, shards: data_shards/train/text-000000.tar, weight: .nan}]"],

@@ -1,6 +1,7 @@
 """storm-shards convert / check: LLaVA-style JSON in, shards out, nothing outside the media root read."""
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -244,6 +245,13 @@ def test_an_output_made_otherwise_is_refused_and_temporaries_are_cleaned(formats
     (out / f"data-000000.tar.tmp{dead.pid}").write_bytes(b"half")  # a conversion killed midway
     report = convert(str(files["llava"]), str(root), str(out), progress=False, samples_per_shard=1)
     assert report["resumed_shards"] == 2 and not list(out.glob("*.tmp*"))
+    moved = tmp_path / "moved.json"  # the same annotations elsewhere: the same conversion
+    moved.write_bytes(files["llava"].read_bytes())
+    assert convert(str(moved), str(root), str(out), progress=False, samples_per_shard=1)["resumed_shards"] == 2
+    other_root = tmp_path / "other_media"  # another media folder would mix two sets of media in one output
+    shutil.copytree(root, other_root)
+    with pytest.raises(UserError, match=r"\(media_root differ\)"):
+        convert(str(files["llava"]), str(other_root), str(out), progress=False, samples_per_shard=1)
 
 
 def test_storm_shards_errors_are_one_line(tmp_path, formats):

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,3 +161,63 @@ def test_resume_onto_replaced_shards_restarts_that_source(tmp_path, caplog):
     resumed.load_state_dict(state)
     keys = [k for b, _ in zip(resumed.train_dataloader(), range(3)) for k in b.keys]
     assert len(keys) == 12 and "its shards are not those of the checkpoint" in caplog.text
+
+
+# --- the third hostile pass --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["convert", "--annotations", "a.json", "--media-root", ".", "--out", "o", "--frames", "4", "--fps", "inf"],
+     "argument --fps: must be in [0.001, 10000.0], got inf"),  # every video left out, exit 0, before
+    (["convert", "--annotations", "a.json", "--media-root", ".", "--out", "o", "--frames", "30000000"],
+     "argument --frames: must be in [1, 1024], got 30000000"),  # 14 s and 1.5 GB, before
+    (["convert", "--annotations", "a.json", "--media-root", ".", "--out", "o", "--folder-fps", "1e5"],
+     "argument --folder-fps: must be in [0.001, 10000.0], got 1e5"),  # written, then skipped as bad_fps
+    (["check", "x.tar", "--frames", "0"], "argument --frames: must be in [1, 1024], got 0"),
+    (["check", "x.tar", "--image-size", "-1"], "argument --image-size: must be in [1, 2048], got -1"),
+])
+def test_shard_tool_numbers_out_of_range_are_one_line(capsys, argv, message):
+    from storm_lightning.cli import shards_main
+
+    with pytest.raises(SystemExit) as exit_:
+        shards_main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    """A 530 KB PNG of 13000 x 13000 pixels decoded to 3.9 GB before."""
+    import io
+
+    from PIL import Image
+
+    from storm_lightning.data.media import decode_image
+
+    buffer = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buffer, format="PNG")
+    with pytest.raises(ValueError, match="3000x3000 image, over the limit of 4000000 pixels"):
+        decode_image(buffer.getvalue(), 64, max_pixels=2000 * 2000)
+
+
+def test_fps_sampling_far_past_the_video_is_bounded_before_it_is_made(tmp_path):
+    """``end: 1e8`` on a 1 s clip (or a timestamp that lies) made 1e8 steps: GBs. Now the steps are counted
+    first; over the cap, the cap's uniform frames. An infinite end or fps is refused."""
+    import tracemalloc
+
+    from storm_lightning.data import video as V
+    from storm_lightning.data.synth import encode_mp4
+
+    clip = [np.full((16, 16, 3), 10 * i, np.uint8) for i in range(10)]
+    path = tmp_path / "a.mp4"
+    path.write_bytes(encode_mp4(clip, fps=10))
+    tracemalloc.start()  # numpy reports its arrays to tracemalloc
+    try:
+        out = V.read_video(str(path), V.FrameSampling(frames=4, fps=1.0, end=1e8), 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(out.frames) == 4 and peak < 50 * 2**20  # 1e8 float64 steps: 800 MB
+    for bad in (dict(fps=float("inf")), dict(fps=1.0, end=float("inf"))):
+        with pytest.raises(ValueError, match="finite"):
+            V.FrameSampling(frames=4, **bad)
+    with pytest.raises(V.VideoTooLarge, match="20000000 frames asked for"):
+        V.read_video(str(path), V.FrameSampling(frames=20_000_000), 16)

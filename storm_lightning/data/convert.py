@@ -337,9 +337,13 @@ def _remove_temporaries(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _manifest(annotations: str, opts: ConvertOptions) -> dict:
+def _manifest(annotations: str, media_root: Path, opts: ConvertOptions) -> dict:
     return {"annotations": os.path.abspath(annotations), "annotations_sha256": file_sha256(annotations),
-            "options": asdict(opts), "version": 2}
+            "media_root": str(media_root), "options": asdict(opts), "version": 2}
+
+
+# what a resume must share with the conversion it continues (the annotation file may have moved)
+_SAME = ("annotations_sha256", "media_root", "options", "version")
 
 
 def _claim_output(out: Path, manifest: dict) -> None:
@@ -350,11 +354,11 @@ def _claim_output(out: Path, manifest: dict) -> None:
             before = json.loads(path.read_text())
         except ValueError:
             before = None
-        if before == manifest:
+        diff = [k for k in _SAME if not isinstance(before, dict) or before.get(k) != manifest[k]]
+        if not diff:
             return
-        diff = [k for k in ("annotations_sha256", "options", "version") if (before or {}).get(k) != manifest[k]]
-        raise UserError(f"--out {out} holds a conversion of another annotation file or with other options "
-                        f"({', '.join(diff) or 'unreadable manifest'} differ): use a new --out, or delete it first")
+        raise UserError(f"--out {out} holds a conversion of another annotation file, media root or with other options "
+                        f"({', '.join(diff)} differ): use a new --out, or delete it first")
     if any(out.glob("*.tar")):
         raise UserError(f"--out {out} already holds shards that this command did not make (no {MANIFEST}): "
                         "use a new --out")
@@ -380,7 +384,7 @@ def convert(annotations: str, media_root: str, out_dir: str, workers: int = 1, p
     if not Path(annotations).is_file():
         raise MissingPathError(f"--annotations: no such file '{annotations}'")
     out = Path(out_dir)
-    _claim_output(out, _manifest(annotations, opts))
+    _claim_output(out, _manifest(annotations, root, opts))
     _remove_temporaries(out)
     # one pass over the records, chunk after chunk (linear in the number of records); at most a few
     # chunks in flight, so memory holds those, not the file's worth of futures
