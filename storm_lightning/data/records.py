@@ -131,4 +131,7 @@ def validate_record(meta: dict, has_media: bool, max_chars: int | None = None) -
     start, end = _seconds(meta, "start"), _seconds(meta, "end")
     if start is not None and end is not None and end <= start:
         raise BadRecord("bad_clip_bounds", f"end={end} is not after start={start}")
+    fps = meta.get("fps")  # a frame folder's frame rate
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 1e-3 <= fps <= 1e4):
+        raise BadRecord("bad_fps", f"fps={fps!r}: a frame rate in [0.001, 10000]")
     return Record(turns, options, answer, category, duration, start, end, placeholders)
