@@ -113,18 +113,23 @@ def _shards(opts: argparse.Namespace) -> None:
 
 def _check_settings(opts: argparse.Namespace, paths: list[str]):
     """What training would read the shards with: the flags, or a storm-fit config's data section."""
+    from storm_lightning.data import ShardSource
     from storm_lightning.data.convert import CheckSettings
 
     if opts.config is None:
         return CheckSettings(opts.tokenizer, opts.image_size, opts.max_length, opts.frames)
-    import yaml
+    from jsonargparse import ArgumentError, ArgumentParser
 
-    from storm_lightning.data import ShardSource
+    from storm_lightning.data import StormDataModule
+    from storm_lightning.inference import load_config
 
-    if not Path(opts.config).is_file():
-        raise MissingPathError(f"--config: no such file '{opts.config}'")
-    data = (yaml.safe_load(Path(opts.config).read_text()) or {}).get("data", {})
-    sources = [ShardSource(**s) for s in data.get("train_sources", []) + (data.get("val_sources") or [])]
+    # the data module training would build, so that check reads with its sizes, limits and system prompt
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(StormDataModule, "data")
+    try:
+        data = parser.instantiate(parser.parse_object({"data": load_config(opts.config, need_model=False)["data"]})).data
+    except ArgumentError as exn:
+        raise ConfigError(f"--config {opts.config}: {' '.join(str(exn).split())[:300]}") from None
     absolute = {os.path.abspath(p) for p in paths}
 
     def reads_these(source) -> bool:
@@ -133,9 +138,10 @@ def _check_settings(opts: argparse.Namespace, paths: list[str]):
         except MissingPathError:
             return False
 
+    sources = data.train_sources + data.val_sources
     frames = next(filter(reads_these, sources), None) or ShardSource("check", "", frames_per_clip=opts.frames)
-    return CheckSettings(data.get("tokenizer_path", opts.tokenizer), data.get("image_size", opts.image_size),
-                         data.get("max_length", 4096), frames.frames_per_clip, frames.fps, frames.max_frames)
+    return CheckSettings(data.tokenizer_path, data.image_size, data.max_length, frames.frames_per_clip, frames.fps,
+                         frames.max_frames, data.limits, data.system_prompt)
 
 
 def chat_main(args: list[str] | None = None) -> None:

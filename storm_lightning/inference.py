@@ -29,11 +29,24 @@ def find_config(checkpoint: str) -> Path:
     raise MissingPathError(f"no config.yaml beside '{checkpoint}' or its parent: pass --config")
 
 
-def load_config(config: str) -> dict:
-    """The ``model`` and ``data`` sections of a storm-fit config (other sections are ignored)."""
-    with open(config) as f:
-        full = yaml.safe_load(f)
-    return {"model": full["model"], "data": full.get("data", {})}
+def load_config(config: str, need_model: bool = True) -> dict:
+    """The ``model`` and ``data`` sections of a storm-fit config (other sections are ignored). A file that
+    is not one (unreadable, not YAML, not a mapping, no model section when ``need_model``) is a one-line
+    UserError."""
+    if not Path(config).is_file():
+        raise MissingPathError(f"--config: no such file '{config}'")
+    try:
+        with open(config, encoding="utf-8") as f:
+            full = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exn:
+        raise UserError(f"--config {config}: not a readable YAML file ({' '.join(str(exn).split())[:200]})") from None
+    if not isinstance(full, dict) or (need_model and not isinstance(full.get("model"), dict)):
+        wanted = "a 'model' section" if need_model else "a 'data' section"
+        raise UserError(f"--config {config}: not a storm-fit config (expected a mapping with {wanted})")
+    data = full.get("data") or {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {config}: its 'data' section is not a mapping")
+    return {"model": full.get("model"), "data": data}
 
 
 def model_config(config: str) -> tuple[dict, dict]:

@@ -221,3 +221,25 @@ def test_fps_sampling_far_past_the_video_is_bounded_before_it_is_made(tmp_path):
             V.FrameSampling(frames=4, **bad)
     with pytest.raises(V.VideoTooLarge, match="20000000 frames asked for"):
         V.read_video(str(path), V.FrameSampling(frames=20_000_000), 16)
+
+
+def test_check_with_a_config_reads_as_training_would_and_refuses_what_is_not_one(tmp_path, capsys):
+    """check --config builds the data module training would (read limits, system prompt, sizes): a frame
+    over the config's max_frame_pixels is bad in check as it is skipped in training; a file that is not a
+    storm-fit config is one line."""
+    import argparse
+
+    from storm_lightning.cli import _check_settings, shards_main
+
+    shard = str(SHARDS / "eval/video32-000000.tar")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  tokenizer_path: {TOKENIZER}\n  max_frame_pixels: 1000\n  train_sources:\n"
+                      f"    - {{name: v, shards: '{shard}', frames_per_clip: 4}}\n")
+    with pytest.raises(SystemExit) as exit_:
+        shards_main(["check", shard, "--config", str(config), "--workers", "1"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 1 and "VideoTooLarge: 64x64 frames, over the limit of 1000 pixels" in out
+    for text in ("- just\n- a list\n", "data: [1, 2]\n", "a: !!python/object/apply:os.system ['true']\n"):
+        config.write_text(text)
+        with pytest.raises(UserError, match=r"--config .*: not a (storm-fit config|readable YAML file)|not a mapping"):
+            _check_settings(argparse.Namespace(config=str(config), frames=4), [shard])

@@ -43,6 +43,7 @@ from pathlib import Path
 from storm_lightning.data.media import IMAGE_EXTS, VIDEO_EXTS, decode_image
 from storm_lightning.data.records import BadRecord, validate_record
 from storm_lightning.data.samples import FRAME_PREFIX
+from storm_lightning.data.video import ReadLimits
 from storm_lightning.errors import ConfigError, MissingPathError, UserError
 
 MANIFEST, REPORT = "convert_manifest.json", "convert_report.json"
@@ -460,6 +461,8 @@ class CheckSettings:
     frames_per_clip: int = 32
     fps: float | None = None
     max_frames: int | None = None
+    limits: ReadLimits = ReadLimits()
+    system_prompt: str | None = None
 
 
 def check_shard(path: str, settings: CheckSettings) -> dict:
@@ -469,7 +472,8 @@ def check_shard(path: str, settings: CheckSettings) -> dict:
     from storm_lightning.data.samples import SampleProcessor
     from storm_lightning.data.shards import ShardError, read_shard
 
-    processor = SampleProcessor(settings.tokenizer_path, settings.image_size, settings.max_length)
+    processor = SampleProcessor(settings.tokenizer_path, settings.image_size, settings.max_length, None,
+                                settings.limits, settings.system_prompt)
     source = ShardSource("check", path, frames_per_clip=settings.frames_per_clip, fps=settings.fps,
                          max_frames=settings.max_frames)
     samples, bad = 0, []
