@@ -112,7 +112,7 @@ class Storm(lmms):
                  **unknown) -> None:
         super().__init__()
         from storm_lightning.compressors import SpatialAveragePool, TemporalAveragePool, TemporalSample
-        from storm_lightning.data.video import FrameSampling
+        from storm_lightning.data.video import FrameSampling, ReadLimits
         from storm_lightning.inference import load_model
 
         if unknown:
@@ -135,8 +135,11 @@ class Storm(lmms):
             self.sampling = FrameSampling(frames=ints["frames"] or 32, fps=fps, max_frames=ints["max_frames"])
         except ValueError as exn:
             raise ConfigError(f"--model_args: {exn}") from None
-        if not folder_fps > 0:
-            raise ConfigError(f"--model_args folder_fps must be > 0, got {folder_fps}")
+        most, limit = self.sampling.max_frames or self.sampling.frames, ReadLimits().max_frames
+        if most > limit:  # refused here, not at every request
+            raise ConfigError(f"--model_args: {most} frames a video, over the reader's limit of {limit}")
+        if not 1e-3 <= folder_fps <= 1e4:
+            raise ConfigError(f"--model_args folder_fps must be in [0.001, 10000], got {folder_fps}")
         self.folder_fps = folder_fps
         self.max_new_tokens = ints["max_new_tokens"] or 64
 
@@ -152,6 +155,9 @@ class Storm(lmms):
             self._device = torch.device(device)
         except RuntimeError:
             raise ConfigError(f"--model_args device={device!r}: not a torch device") from None
+        if self._device.type == "meta" or (self._device.type == "cuda" and not torch.cuda.is_available()):
+            raise ConfigError(f"--model_args device={device!r}: not usable here (CUDA available: "
+                              f"{torch.cuda.is_available()})")
 
         chain = []
         if ints["temporal_pool"]:

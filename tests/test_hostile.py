@@ -243,3 +243,12 @@ def test_check_with_a_config_reads_as_training_would_and_refuses_what_is_not_one
         config.write_text(text)
         with pytest.raises(UserError, match=r"--config .*: not a (storm-fit config|readable YAML file)|not a mapping"):
             _check_settings(argparse.Namespace(config=str(config), frames=4), [shard])
+
+
+def test_a_corrupt_parquet_annotation_file_is_one_line(tmp_path):
+    from storm_lightning.data.convert import read_annotations
+
+    path = tmp_path / "ann.parquet"
+    path.write_bytes(b"PAR1" + os.urandom(2000))
+    with pytest.raises(UserError, match="ann.parquet is not a readable parquet file"):
+        list(read_annotations(str(path)))

@@ -280,6 +280,13 @@ def test_user_errors_are_one_line(storm, workdir):
         Storm(checkpoint=str(workdir / "run/model.ckpt"), frame=8)
     with pytest.raises(ConfigError, match="frames must be >= 1"):
         Storm(checkpoint=str(workdir / "run/model.ckpt"), frames=0)
+    # accepted before, then failing (or taking 30 s) at every request
+    for args, text in ((dict(fps="inf"), "fps must be > 0 and finite"),
+                       (dict(frames="100000000"), "100000000 frames a video, over the reader's limit of 1024"),
+                       (dict(folder_fps="1e9"), "folder_fps must be in"),
+                       (dict(device="meta"), "device='meta': not usable here")):
+        with pytest.raises(ConfigError, match=text):
+            Storm(checkpoint=str(workdir / "run/model.ckpt"), **args)
     (workdir / "bad.mp4").write_bytes(b"not a video")
     for visual, error, text in ((workdir / "bad.mp4", UserError, "cannot read"),
                                 (workdir / "gone.mp4", MissingPathError, "no such video"),

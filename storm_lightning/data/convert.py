@@ -96,8 +96,20 @@ def read_annotations(path: str) -> Iterator[object]:
             import pyarrow.parquet as pq
         except ImportError:
             raise UserError("--annotations: reading .parquet needs pyarrow (pip install pyarrow)") from None
-        for batch in pq.ParquetFile(p).iter_batches():
-            yield from batch.to_pylist()
+        import pyarrow as pa
+
+        try:
+            parquet = pq.ParquetFile(p)
+        except (pa.ArrowException, OSError) as exn:
+            raise UserError(f"--annotations: {path} is not a readable parquet file ({' '.join(str(exn).split())[:200]})"
+                            ) from None
+        for group in range(parquet.num_row_groups):  # a corrupt row group is one bad record of the report
+            try:
+                rows = parquet.read_row_group(group).to_pylist()
+            except (pa.ArrowException, OSError) as exn:
+                yield BadRecord("bad_parquet", f"row group {group}: {' '.join(str(exn).split())[:200]}")
+                continue
+            yield from rows
         return
     if p.suffix == ".jsonl":
         with open(p, encoding="utf-8", errors="replace") as f:
