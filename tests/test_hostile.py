@@ -252,3 +252,26 @@ def test_a_corrupt_parquet_annotation_file_is_one_line(tmp_path):
     path.write_bytes(b"PAR1" + os.urandom(2000))
     with pytest.raises(UserError, match="ann.parquet is not a readable parquet file"):
         list(read_annotations(str(path)))
+
+
+def test_benchmark_records_with_too_many_options_or_odd_categories_are_reported():
+    """Nine options: an IndexError (reported as unexpected_error) in Video-MME, the ninth silently dropped in
+    MLVU; a list as category was written as the text "[1, 2]"."""
+    from storm_lightning.data.benchmarks import mlvu, videomme
+    from storm_lightning.data.records import BadRecord
+
+    letters = "ABCDEFGHI"
+    base = {"videoID": "v", "question": "Q?", "answer": "A", "task_type": "t"}
+    with pytest.raises(BadRecord) as info:
+        videomme({**base, "options": [f"{c}. x{c}" for c in letters]})
+    assert info.value.kind == "bad_options"
+    question = "Which?\n" + "\n".join(f"({c}) x{c}" for c in letters)
+    with pytest.raises(BadRecord) as info:
+        mlvu({"video_name": "v.mp4", "question": question, "answer": "A", "task_type": "t"})
+    assert info.value.kind == "bad_options"
+    for key, value, kind in (("task_type", [1, 2], "bad_category"), ("duration", float("nan"), "bad_duration")):
+        with pytest.raises(BadRecord) as info:
+            videomme({**base, "options": ["A. a", "B. b"], key: value})
+        assert info.value.kind == kind
+    ok = videomme({**base, "options": ["A. a", "B. b"], "duration": 600})  # LongVideoBench-style groups
+    assert ok.meta["duration"] == "600"

@@ -27,8 +27,9 @@ import re
 from storm_lightning.data.records import BadRecord, answer_index, multiple_choice_prompt
 from storm_lightning.tokenizer import OPTION_LETTERS
 
-# "A. text", "(A) text", "A) text", "A: text"
-_LETTERED = re.compile(r"^\s*\(?([A-H])[.):]\s*(.*\S)\s*$")
+# "A. text", "(A) text", "A) text", "A: text" (any letter: a ninth option must be seen to be refused)
+_LETTERED = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.*\S)\s*$")
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def _text(record: dict, key: str) -> str:
@@ -42,6 +43,11 @@ def _mc(question: str, options: list[str], answer: int, video: str, category, du
         rid=None):
     from storm_lightning.data.convert import Medium, Normalised
 
+    if not 1 <= len(options) <= len(OPTION_LETTERS):
+        raise BadRecord("bad_options", f"{len(options)} options: at most {len(OPTION_LETTERS)} ({OPTION_LETTERS})")
+    for key, value in (("category", category), ("duration", duration)):  # a name, or a group such as 600
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            raise BadRecord(f"bad_{key}", f"{value!r:.100}: a {key} is text (or a whole number of seconds)")
     meta = {"conversations": [{"from": "human", "value": f"<video>\n{multiple_choice_prompt(question, options)}"},
                               {"from": "gpt", "value": OPTION_LETTERS[answer]}],
             "options": options, "answer": answer}
@@ -59,6 +65,8 @@ def _strip_letters(options: list) -> list[str]:
     """``["A. red", "B. blue"]`` -> ``["red", "blue"]`` (options given with their letters)."""
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise BadRecord("bad_options", repr(options)[:200])
+    if len(options) > len(OPTION_LETTERS):
+        raise BadRecord("bad_options", f"{len(options)} options: at most {len(OPTION_LETTERS)} ({OPTION_LETTERS})")
     out = []
     for i, option in enumerate(options):
         match = _LETTERED.match(option)
@@ -103,8 +111,8 @@ def mlvu(record: dict):
     options, question = [], []
     for line in lines:
         match = _LETTERED.match(line)
-        if match and match.group(1) == OPTION_LETTERS[len(options)]:
-            options.append(match.group(2))
+        if match and len(options) < len(_LETTERS) and match.group(1) == _LETTERS[len(options)]:
+            options.append(match.group(2))  # more than OPTION_LETTERS allows: refused by _mc
         elif not options:
             question.append(line)
     if len(options) < 2:
