@@ -107,6 +107,16 @@ def _load_weights(model: StormModel, state: dict, what: str) -> None:
 
 EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
 
+# components whose init_args may name a transformers checkpoint directory (pretrained_path)
+STRUCTURE_FROM_CONFIG = ("vision", "llm")
+
+
+def _init_args(model_cfg: dict, key: str) -> dict:
+    """A component's init_args in a model config, edited in place ({} when it has none)."""
+    component = model_cfg.get(key)
+    init_args = component.get("init_args") if isinstance(component, dict) else None
+    return init_args if isinstance(init_args, dict) else {}
+
 
 def export(checkpoint: str, out_dir: str, config: str | None = None) -> Path:
     """A storm-fit checkpoint -> a Hugging Face style directory: ``config.json`` (the components'
@@ -128,21 +138,17 @@ def export(checkpoint: str, out_dir: str, config: str | None = None) -> Path:
         raise UserError(f"--out {out_dir}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     for key in STRUCTURE_FROM_CONFIG:
-        init_args = model_cfg.get(key, {}).get("init_args") if isinstance(model_cfg.get(key), dict) else None
-        if init_args and init_args.get("pretrained_path"):
+        init_args = _init_args(model_cfg, key)
+        if init_args.get("pretrained_path"):
             getattr(model, key).model.config.save_pretrained(out / key)
             init_args["pretrained_path"], init_args["pretrained_weights"] = key, False  # relative to the export
-        if init_args and init_args.get("checkpoint_path"):  # a timm tower: its structure is its model_name's
+        if init_args.get("checkpoint_path"):  # a timm tower: its structure is its model_name's
             init_args["checkpoint_path"] = None
     model.tokenizer.save_pretrained(out / "tokenizer")
     model_cfg["tokenizer_path"] = "tokenizer"  # relative to the export directory
     (out / EXPORT_CONFIG).write_text(json.dumps({"format": "storm-lightning", "model": model_cfg}, indent=1))
     save_model(model, str(out / EXPORT_WEIGHTS))  # tied embeddings are stored once
     return out
-
-
-# components whose init_args may name a transformers checkpoint directory (pretrained_path)
-STRUCTURE_FROM_CONFIG = ("vision", "llm")
 
 
 def from_pretrained(directory: str, compressors: list[Compressor] | None = None) -> StormModel:
@@ -161,14 +167,14 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
         raise ConfigError(f"{root / EXPORT_CONFIG}: not a storm-export config ({type(exn).__name__}: {exn})") from None
     model_cfg["init_from"] = None  # the weights are this directory's
     for key in STRUCTURE_FROM_CONFIG:  # so are a pretrained component's: only its structure is read
-        init_args = model_cfg.get(key, {}).get("init_args") if isinstance(model_cfg.get(key), dict) else None
-        if isinstance(init_args, dict) and init_args.get("pretrained_path"):
+        init_args = _init_args(model_cfg, key)
+        if init_args.get("pretrained_path"):
             path = Path(str(init_args["pretrained_path"]))
             if path.is_absolute() or ".." in path.parts:
                 raise ConfigError(f"{root / EXPORT_CONFIG}: model.{key}.init_args.pretrained_path must be a folder "
                                   f"inside the export directory, got '{path}'")
             init_args["pretrained_path"], init_args["pretrained_weights"] = str(root / path), False
-        if isinstance(init_args, dict) and init_args.get("checkpoint_path"):
+        if init_args.get("checkpoint_path"):
             init_args["checkpoint_path"] = None
     # a class_path is imported before it is checked to be a component: an export names ours only
     foreign = sorted({v for v in _class_paths(model_cfg) if not v.startswith("storm_lightning.")})

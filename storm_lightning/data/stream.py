@@ -56,6 +56,7 @@ class SourceReader:
     def __init__(self, shards: list[str], seed: int, index: int, reader: int, readers: int, infinite: bool,
                  shuffle_buffer: int) -> None:
         self.shards, self.seed, self.index = shards, seed, index
+        self.fingerprint = shards_fingerprint(shards)  # once: state() is taken before every sample a batcher draws
         self.reader, self.readers, self.infinite, self.shuffle_buffer = reader, readers, infinite, shuffle_buffer
         self.split = len(shards) >= readers  # else every reader reads every shard, keeps every readers-th sample
         self.rng = random.Random(f"{seed}-{index}-{reader}-shuffle")  # str seeds are hashed stably (sha512)
@@ -120,7 +121,7 @@ class SourceReader:
     def state(self) -> dict:
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "offset": self.offset, "ordinal": self.ordinal,
                 "draining": self.draining, "good": self.good, "rng": self.rng.getstate(),
-                "buffer": [(pos, raw.offset) for pos, raw in self.buffer], "shards": shards_fingerprint(self.shards)}
+                "buffer": [(pos, raw.offset) for pos, raw in self.buffer], "shards": self.fingerprint}
 
     def restore_fresh(self) -> None:
         self.__init__(self.shards, self.seed, self.index, self.reader, self.readers, self.infinite, self.shuffle_buffer)
@@ -238,7 +239,7 @@ class ShardStream(IterableDataset):
     def restore(self, state: dict) -> None:
         for source, reader in zip(self.sources, self.readers):
             saved = state["sources"].get(source.name)
-            if saved is None or saved["shards"] != shards_fingerprint(reader.shards):
+            if saved is None or saved["shards"] != reader.fingerprint:
                 log.warning("data source '%s' is new or its shards are not those of the checkpoint (names, sizes): "
                             "it starts from its beginning", source.name)
                 continue
