@@ -214,7 +214,11 @@ class Storm(lmms):
         if not items:
             return None
         if all(isinstance(v, Image.Image) for v in items):
-            return self._image_frames(items)
+            try:
+                return self._image_frames(items)
+            except (VideoReadError, ValueError) as exn:  # over a read limit, unreadable
+                raise UserError(f"{where}: cannot read its {len(items)} PIL image(s): "
+                                f"{' '.join(str(exn).split())}") from None
         if len(items) != 1 or not isinstance(items[0], (str, os.PathLike)):
             kinds = ", ".join(sorted({type(v).__name__ for v in items}))
             raise UserError(f"{where}: storm takes one video, frame folder or image per question (or a list of "
@@ -232,20 +236,16 @@ class Storm(lmms):
 
     def _image_frames(self, images: list) -> torch.Tensor:
         """One PIL image: an image (as an image file is read); several: the frames of one video at
-        ``folder_fps``, sampled and resized as a frame folder's are (``video.read_frame_folder``)."""
-        import numpy as np
-        from PIL import Image
-
+        ``folder_fps``, sampled, checked and resized as a frame folder's are (``video.read_frame_folder``)."""
         from storm_lightning.data.media import resize_frames, to_rgb
-        from storm_lightning.data.video import _sample
+        from storm_lightning.data.video import ReadLimits, VideoTooLarge, read_frame_folder
 
-        size = self.model.vision.image_size
-        if len(images) == 1:
-            return resize_frames(to_rgb(images[0])[None], size)
-        wanted = _sample(np.arange(len(images)) / self.folder_fps, self.sampling, self.folder_fps)
-        done = {i: torch.from_numpy(np.asarray(Image.fromarray(to_rgb(images[i])).resize(
-            (size, size), Image.Resampling.BILINEAR)).transpose(2, 0, 1).copy()) for i in sorted(set(wanted))}
-        return torch.stack([done[i] for i in wanted])
+        size, limit = self.model.vision.image_size, ReadLimits().max_frame_pixels
+        if len(images) > 1:
+            return read_frame_folder(images, self.sampling, size, fps=self.folder_fps).frames
+        if images[0].width * images[0].height > limit:
+            raise VideoTooLarge(f"{images[0].width}x{images[0].height} image, over the limit of {limit} pixels")
+        return resize_frames(to_rgb(images[0])[None], size)
 
     @staticmethod
     def _prompt(context: str, pixels: torch.Tensor | None) -> str:

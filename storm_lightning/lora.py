@@ -36,10 +36,27 @@ def add_lora(module: nn.Module, settings: LoraSettings, key: str) -> nn.Module:
         raise ConfigError(f"{key}: rank must be >= 1, alpha > 0 and dropout in [0, 1), got {settings}")
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=settings.target_modules)
+    tied = _tied_embeddings(module)
     try:
-        return get_peft_model(module, config)
+        wrapped = get_peft_model(module, config)
     except ValueError as exn:  # target modules not found, ...
         raise ConfigError(f"{key}.target_modules={settings.target_modules!r}: {exn}") from None
+    adapted = [name for name in tied if hasattr(wrapped.base_model.model.get_submodule(name), "lora_A")]
+    if adapted:  # trained, the adapter acts on one side only; merged, it would change both (the export)
+        raise ConfigError(f"{key}.target_modules={settings.target_modules!r} adapts {', '.join(adapted)}, which "
+                          "shares its weight with the other end of the model (tie_word_embeddings): merged "
+                          "into an export it would change both. Leave it out (all-linear adapts every "
+                          "Linear but the output head)")
+    return wrapped
+
+
+def _tied_embeddings(module: nn.Module) -> list[str]:
+    """Names of the input embedding and output head when they share one weight, else []."""
+    get_in, get_out = getattr(module, "get_input_embeddings", None), getattr(module, "get_output_embeddings", None)
+    ends = [get_in() if get_in else None, get_out() if get_out else None]
+    if None in ends or getattr(ends[0], "weight", None) is not getattr(ends[1], "weight", 0):
+        return []
+    return [name for name, sub in module.named_modules() if any(sub is end for end in ends)]
 
 
 def merge(module: nn.Module) -> nn.Module:

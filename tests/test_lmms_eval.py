@@ -294,6 +294,17 @@ def test_user_errors_are_one_line(storm, workdir):
         with pytest.raises(error, match=text) as info:
             storm.media(visual if isinstance(visual, list) else str(visual))
         assert "\n" not in str(info.value)
+    # PIL frames are held to the reader's limits as a frame folder's are: only the sampled ones are read
+    from PIL import Image
+
+    huge = workdir / "huge.png"
+    Image.new("1", (8000, 8000)).save(huge)  # 64 M pixels (8 MB), over the 8K limit; tiny as a PNG
+    for visual in ([Image.open(huge)], [Image.open(huge)] * 3):
+        with pytest.raises(UserError, match="8000x8000 image, over the limit") as info:
+            storm.media(visual)
+        assert "\n" not in str(info.value)
+    frame = Image.new("RGB", (64, 48), (200, 40, 40))
+    assert storm.media([frame] * 1_000_000).shape[0] == FRAMES  # a long list: FRAMES of them read
     with pytest.raises(NotImplementedError, match="multi-round"):
         storm.generate_until_multi_round([])
 

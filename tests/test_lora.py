@@ -33,6 +33,17 @@ def test_lora_on_the_vision_tower_too():
     assert vision and all("lora_" in n and ("q_proj" in n or "v_proj" in n) for n in vision)
 
 
+def test_an_adapter_on_a_tied_embedding_is_refused():
+    """Trained, the adapter would change the input embedding only; merged by storm-export, the shared
+    weight, so the output head too: the export would not be the trained model."""
+    from storm_lightning.errors import ConfigError
+
+    for targets in (["embed_tokens"], ["q_proj", "lm_head"]):
+        with pytest.raises(ConfigError, match=r"model.lora_llm.target_modules=.*tie_word_embeddings"):
+            tiny(lora_llm=LoraSettings(rank=2, target_modules=targets))
+    assert tiny(lora_llm=LoraSettings(rank=2, target_modules=["q_proj", "v_proj"])) is not None
+
+
 def test_a_plain_checkpoint_starts_a_lora_stage(tmp_path):
     plain = tiny()
     torch.save({"state_dict": plain.state_dict()}, tmp_path / "sft.ckpt")

@@ -188,7 +188,7 @@ def _read_video(opener, sampling: FrameSampling, size: int, limits: ReadLimits) 
 
 
 def read_frame_folder(
-    images: Sequence[bytes | str | os.PathLike],
+    images: Sequence[bytes | str | os.PathLike | Image.Image],
     sampling: FrameSampling,
     size: int,
     fps: float = 1.0,
@@ -515,18 +515,20 @@ def _rgb(frame: av.VideoFrame, size: int, scaler: VideoReformatter, limits: Read
 # --- frame folders -------------------------------------------------------------------------------------------
 
 
-def _read_image(image: bytes | str | os.PathLike, size: int, limits: ReadLimits) -> np.ndarray:
-    """One extracted frame -> (3, size, size) uint8.
+def _read_image(image: bytes | str | os.PathLike | Image.Image, size: int, limits: ReadLimits) -> np.ndarray:
+    """One extracted frame (its bytes, its path or an opened PIL image) -> (3, size, size) uint8.
 
     Pillow's bilinear resize widens its filter with the downscale factor: the same antialiased bilinear as
     media.resize_frames (torch's antialias=True is a port of it), without torch's thread pool per image.
     """
     try:
-        with Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image) as img:
+        opened = isinstance(image, Image.Image)  # the caller's: not closed here
+        with contextlib.nullcontext(image) if opened else Image.open(
+                io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image) as img:
             if img.width * img.height > limits.max_frame_pixels:
                 limit = limits.max_frame_pixels
                 raise VideoTooLarge(f"{img.width}x{img.height} image, over the limit of {limit} pixels")
-            if img.format == "JPEG":
+            if img.format == "JPEG" and not opened:
                 img.draft("RGB", (2 * size, 2 * size))
             rgb = Image.fromarray(to_rgb(img)).resize((size, size), Image.Resampling.BILINEAR)
     except (OSError, Image.DecompressionBombError) as e:
