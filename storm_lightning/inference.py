@@ -80,9 +80,12 @@ def instantiate(model_cfg: dict, compressors: list[Compressor] | None = None, so
 
 
 def build_model(config: str, compressors: list[Compressor] | None = None) -> tuple[StormModel, dict]:
-    """A StormModel from a storm-fit config, random weights, and the config's data section."""
+    """A StormModel from a storm-fit config (random weights, or its components' pretrained ones), and the
+    config's data section."""
     model_cfg, data = model_config(config)
-    return instantiate(model_cfg, compressors, source=config), data
+    model = instantiate(model_cfg, compressors, source=config)
+    model.llm.load_pending_weights()  # sharded_load (conf/fsdp.yaml): one process reads them whole
+    return model, data
 
 
 def load_model(checkpoint: str, config: str | None = None, compressors: list[Compressor] | None = None):
@@ -92,7 +95,12 @@ def load_model(checkpoint: str, config: str | None = None, compressors: list[Com
         return from_pretrained(checkpoint, compressors), {}
     state = load_checkpoint_file(checkpoint, "--checkpoint")
     config = str(config or find_config(checkpoint))
-    model, data = build_model(config, compressors)
+    model_cfg, data = model_config(config)
+    for key in STRUCTURE_FROM_CONFIG:  # the checkpoint holds a pretrained component's weights too
+        init_args = _init_args(model_cfg, key)
+        if init_args.get("pretrained_path"):
+            init_args["pretrained_weights"] = False
+    model = instantiate(model_cfg, compressors, source=config)
     _load_weights(model, state.get("state_dict", state), f"{checkpoint} does not fit the model of {config}")
     return model.eval(), data
 

@@ -33,6 +33,10 @@ from storm_lightning.errors import ConfigError, MissingPathError
 class CausalLM(nn.Module):
     hidden_size: int
     model: nn.Module
+    weights_pending: str | None = None  # a checkpoint to read once the model is sharded (HFCausalLM's sharded_load)
+
+    def load_pending_weights(self, device: torch.device | str = "cpu") -> None:
+        """Read ``weights_pending`` into the model, sharded or not (a no-op without one)."""
 
     @property
     def vocab_size(self) -> int:
@@ -167,6 +171,9 @@ class HFCausalLM(CausalLM):
     the key (a config written for Qwen2-7B then checks that the directory holds one).
     ``pretrained_weights=False`` takes only the structure from ``pretrained_path`` (its config.json; the
     weights come from elsewhere: a ``storm-export`` directory stores the LLM's config so).
+    ``sharded_load=True`` (conf/fsdp.yaml) builds the structure on the meta device and leaves the
+    weights of ``pretrained_path`` to ``load_pending_weights``, which ``StormModel.configure_model`` calls
+    after FSDP2 has sharded the model: each rank then reads only its own rows (``sharded_load.py``).
     """
 
     def __init__(
@@ -183,10 +190,13 @@ class HFCausalLM(CausalLM):
         extra_config: dict | None = None,
         pretrained_path: str | None = None,
         pretrained_weights: bool = True,
+        sharded_load: bool = False,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.weights_pending: str | None = None  # a pretrained_path still to be read (sharded_load)
 
         given = {"model_type": model_type, "hidden_size": hidden_size, "num_layers": num_layers,
                  "num_heads": num_heads, "num_kv_heads": num_kv_heads, "intermediate_size": intermediate_size,
@@ -204,7 +214,14 @@ class HFCausalLM(CausalLM):
                     raise ConfigError(f"model.llm.init_args.{key}={value} contradicts the checkpoint in "
                                       f"{pretrained_path} ({key}={stored}): leave it out (it is read from the "
                                       "checkpoint) or point pretrained_path at another model")
-            if pretrained_weights:
+            if pretrained_weights and sharded_load:
+                from accelerate import init_empty_weights
+
+                with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
+                    self.model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+                self.model.tie_weights()  # the context gives each registration its own meta tensor
+                self.weights_pending = pretrained_path
+            elif pretrained_weights:
                 self.model = AutoModelForCausalLM.from_pretrained(pretrained_path, trust_remote_code=False)
             else:
                 self.model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
@@ -234,3 +251,11 @@ class HFCausalLM(CausalLM):
             self.model.set_attn_implementation(PACKED_ATTENTION)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+
+    def load_pending_weights(self, device: torch.device | str = "cpu") -> None:
+        from storm_lightning.sharded_load import read_into
+
+        if self.weights_pending is not None:
+            read_into(self.model, self.weights_pending, device, key="model.llm.init_args.pretrained_path",
+                      std=getattr(self.model.config.get_text_config(), "initializer_range", 0.02))
+            self.weights_pending = None

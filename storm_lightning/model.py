@@ -152,6 +152,11 @@ class StormModel(L.LightningModule):
         for module, frozen in ((vision, freeze_vision), (downsampler, freeze_projector),
                                (projector, freeze_projector), (llm, freeze_llm)):
             module.requires_grad_(not frozen)
+        if llm.weights_pending is not None and (lora_llm is not None or init_from is not None):
+            # peft wraps, and init_from overwrites, real weights: read them now, whole (no sharded_load)
+            log.info("model.llm.init_args.sharded_load: the LLM is read whole at build, as model.lora_llm or "
+                     "model.init_from needs its weights")
+            llm.load_pending_weights()
         for component, settings, frozen, key in ((llm, lora_llm, freeze_llm, "llm"),
                                                  (vision, lora_vision, freeze_vision, "vision")):
             if settings is not None:  # its own weights fixed, its adapters trained
@@ -215,10 +220,15 @@ class StormModel(L.LightningModule):
     def configure_model(self) -> None:
         """FSDP2 under ``ModelParallelStrategy`` (``conf/fsdp.yaml``): every vision block, projector layer
         and LLM decoder layer is its own shard unit, then each component's remaining parameters. On CUDA
-        the parameters compute in bf16 and gradients are reduced in fp32."""
+        the parameters compute in bf16 and gradients are reduced in fp32. Then an LLM built with
+        ``sharded_load`` reads its weights, each rank only its own shard (one device: all of them)."""
         mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
-        if mesh is None:
-            return
+        if mesh is not None:
+            self._shard(mesh)
+        strategy = getattr(self._trainer, "strategy", None)
+        self.llm.load_pending_weights(strategy.root_device if strategy is not None else self.device)
+
+    def _shard(self, mesh) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh

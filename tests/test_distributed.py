@@ -64,6 +64,69 @@ def test_fsdp2_step_with_a_text_only_rank_does_not_hang(tmp_path):
     assert all(r["vision_grad_seen"] for r in results)  # the text-only rank's vision shards got (zero) grads
 
 
+def _sharded_load_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from storm_lightning.llm import HFCausalLM
+    from tests.test_model import make_batch, tiny
+
+    torch.manual_seed(0)
+    llm = HFCausalLM(pretrained_path=f"{out_dir}/qwen2", sharded_load=True)
+    model = tiny(llm=llm)
+    model._device_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("data_parallel",))
+    model._trainer = SimpleNamespace(world_size=world)
+    model.configure_model()
+    head, embed = model.llm.model.lm_head.weight, model.llm.model.model.embed_tokens.weight
+    local_rows = embed.to_local().shape[0] if isinstance(embed, DTensor) else None
+    loaded = get_model_state_dict(model.llm, options=StateDictOptions(full_state_dict=True))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.manual_seed(1)  # the same batch on both ranks (rank 1 drew the new vocabulary rows)
+    loss = model(make_batch(model, frames=(4, 1)))["loss"]  # the loaded, sharded model trains
+    loss.backward()
+    optimizer.step()
+    trained = get_model_state_dict(model.llm, options=StateDictOptions(full_state_dict=True))
+    torch.save({"rows": local_rows, "tied": head is embed, "loss": float(loss), "loaded": loaded,
+                "meta": [n for n, p in model.named_parameters() if p.is_meta],
+                "trained": trained["model.model.embed_tokens.weight"]}, f"{out_dir}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_sharded_load_reads_each_ranks_rows_of_a_pretrained_llm(tmp_path):
+    """``sharded_load``: built on meta, sharded by FSDP2, then each rank reads its rows from the
+    safetensors (indexed, several files): the tied head stays tied, the vocabulary grown for the media
+    tokens keeps the checkpoint's rows, and the sharded model trains."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=64, vocab_size=611,
+                                         tie_word_embeddings=True))
+    qwen2.save_pretrained(tmp_path / "qwen2", max_shard_size="40KB")  # several files and an index
+    assert (tmp_path / "qwen2/model.safetensors.index.json").is_file()
+    world = 2
+    context = mp.start_processes(_sharded_load_worker, args=(world, free_port(), str(tmp_path)), nprocs=world,
+                                 join=False, start_method="spawn")
+    deadline = time.time() + 240
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail("sharded loading hung")
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert [r["rows"] for r in results] == [310, 310]  # 620 rows (611 + media tokens), one half each
+    assert all(r["tied"] and not r["meta"] and r["loss"] == results[0]["loss"] for r in results)
+    for r in results:  # gathered: every tensor the checkpoint's, bit for bit, new vocabulary rows drawn
+        for name, value in qwen2.state_dict().items():
+            torch.testing.assert_close(r["loaded"][f"model.{name}"][:611], value, rtol=0, atol=0, msg=name)
+        new_rows = r["loaded"]["model.model.embed_tokens.weight"][611:]
+        assert new_rows.shape == (9, 32) and 0.01 < float(new_rows.std()) < 0.04  # initializer_range 0.02
+        assert not torch.equal(r["trained"], r["loaded"]["model.model.embed_tokens.weight"])
+
+
 def test_fsdp_config_trains_two_cpu_processes_and_saves_shards(run_dir):
     storm_fit("--config", "conf/sft.yaml", "--config", "conf/fsdp.yaml", *FAST,
               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.max_steps=3",

@@ -20,14 +20,15 @@ from storm_lightning.vision import SiglipVisionBackbone
 from tests.conftest import SHARDS, TOKENIZER
 
 
-def tiny(projector="mamba", compressors=None, vision_dim=16, proj_out=32, llm_dim=32, image_size=32, **kwargs):
+def tiny(projector="mamba", compressors=None, vision_dim=16, proj_out=32, llm_dim=32, image_size=32, llm=None,
+         **kwargs):
     vision = SiglipVisionBackbone(image_size=image_size, patch_size=8, hidden_size=vision_dim, num_layers=1,
                                   num_heads=2, intermediate_size=32)
     down = PixelShuffleDownsampler(input_dim=16, output_dim=32, ratio=2)
     proj = (MambaTemporalProjector(32, proj_out, num_layers=1, d_state=4) if projector == "mamba"
             else MLPProjector(32, proj_out))
-    llm = HFCausalLM(hidden_size=llm_dim, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
-                     vocab_size=600)
+    llm = llm or HFCausalLM(hidden_size=llm_dim, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                            vocab_size=600)
     return StormModel(vision, down, proj, llm, compressors=compressors, tokenizer_path=TOKENIZER, **kwargs)
 
 

@@ -135,6 +135,44 @@ def test_an_llm_loads_with_its_own_sizes_and_contradictions_fail(tmp_path):
         HFCausalLM(pretrained_path=str(tmp_path / "qwen2"), num_layers=28)
 
 
+def test_sharded_load_on_one_device_reads_what_from_pretrained_reads(tmp_path):
+    """``sharded_load`` (conf/fsdp.yaml) without FSDP2: built on meta, read by configure_model, equal to
+    transformers' own loading; with LoRA the weights are read at build (peft wraps real weights); a
+    checkpoint without safetensors is one line naming the key."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from storm_lightning.llm import HFCausalLM
+    from storm_lightning.lora import LoraSettings, plain_key
+    from tests.test_model import make_batch, tiny
+
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=64, vocab_size=620,
+                                         tie_word_embeddings=True))
+    qwen2.save_pretrained(tmp_path / "qwen2")
+    path = str(tmp_path / "qwen2")
+    eager = tiny(llm=HFCausalLM(pretrained_path=path))
+    lazy = tiny(llm=HFCausalLM(pretrained_path=path, sharded_load=True))
+    assert all(p.is_meta for p in lazy.llm.parameters())
+    lazy.configure_model()  # what Lightning calls, sharded or not
+    assert lazy.llm.weights_pending is None and lazy.llm.model.lm_head.weight is lazy.llm.model.model.embed_tokens.weight
+    for name, value in eager.llm.state_dict().items():
+        torch.testing.assert_close(lazy.llm.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    batch = make_batch(eager)
+    lazy.load_state_dict({k: v for k, v in eager.state_dict().items() if not k.startswith("llm.")}, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(lazy.eval()(batch)["loss"], eager.eval()(batch)["loss"])
+
+    adapted = tiny(llm=HFCausalLM(pretrained_path=path, sharded_load=True), lora_llm=LoraSettings(rank=2))
+    theirs = {plain_key(k): v for k, v in adapted.llm.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(theirs[k], v) for k, v in eager.llm.state_dict().items())
+
+    (tmp_path / "bin").mkdir()  # an older layout: pytorch_model.bin
+    (tmp_path / "bin/config.json").write_bytes((tmp_path / "qwen2/config.json").read_bytes())
+    torch.save(qwen2.state_dict(), tmp_path / "bin/pytorch_model.bin")
+    with pytest.raises(ConfigError, match=r"model.llm.init_args.pretrained_path: sharded_load reads safetensors"):
+        tiny(llm=HFCausalLM(pretrained_path=str(tmp_path / "bin"), sharded_load=True)).configure_model()
+
+
 def test_an_export_needs_no_original_checkpoint_directory(tmp_path):
     """A model built from a SigLIP tower and an LLM in local directories: storm-export writes their
     configs beside the weights, and the export loads with both directories gone, weights equal."""
