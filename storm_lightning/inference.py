@@ -95,12 +95,7 @@ def load_model(checkpoint: str, config: str | None = None, compressors: list[Com
         return from_pretrained(checkpoint, compressors), {}
     state = load_checkpoint_file(checkpoint, "--checkpoint")
     config = str(config or find_config(checkpoint))
-    model_cfg, data = model_config(config)
-    for key in STRUCTURE_FROM_CONFIG:  # the checkpoint holds a pretrained component's weights too
-        init_args = _init_args(model_cfg, key)
-        if init_args.get("pretrained_path"):
-            init_args["pretrained_weights"] = False
-    model = instantiate(model_cfg, compressors, source=config)
+    model, data = build_model(config, compressors)
     _load_weights(model, state.get("state_dict", state), f"{checkpoint} does not fit the model of {config}")
     return model.eval(), data
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from storm_lightning.errors import ConfigError, MissingPathError
+
+log = logging.getLogger(__name__)
 
 
 class CausalLM(nn.Module):
@@ -214,17 +217,12 @@ class HFCausalLM(CausalLM):
                     raise ConfigError(f"model.llm.init_args.{key}={value} contradicts the checkpoint in "
                                       f"{pretrained_path} ({key}={stored}): leave it out (it is read from the "
                                       "checkpoint) or point pretrained_path at another model")
-            if pretrained_weights and sharded_load:
-                from accelerate import init_empty_weights
-
-                with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
-                    self.model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-                self.model.tie_weights()  # the context gives each registration its own meta tensor
-                self.weights_pending = pretrained_path
-            elif pretrained_weights:
-                self.model = AutoModelForCausalLM.from_pretrained(pretrained_path, trust_remote_code=False)
-            else:
-                self.model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            model = self._on_meta(config, pretrained_path) if pretrained_weights and sharded_load else None
+            if model is None and pretrained_weights:
+                model = AutoModelForCausalLM.from_pretrained(pretrained_path, trust_remote_code=False)
+            elif model is None:
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            self.model = model
         else:
             sizes = {key: _LLM_SIZES[key][1] if value is None else value for key, value in given.items()}
             counts = [sizes[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
@@ -252,10 +250,34 @@ class HFCausalLM(CausalLM):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
 
+    def _on_meta(self, config, path: str) -> nn.Module | None:
+        """``sharded_load``: the model with its parameters on the meta device, in the checkpoint's dtype,
+        its weights pending; None (and a warning: they are then read whole) when the checkpoint is not
+        safetensors holding every parameter under its own name and shape."""
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        from storm_lightning.sharded_load import misfit, read_header, stored_dtype
+
+        self._stored = read_header(path, key="model.llm.init_args.pretrained_path")
+        reason = "it holds no safetensors"
+        if self._stored:
+            dtype = {} if getattr(config, "dtype", None) else {"dtype": stored_dtype(self._stored)}
+            with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary) real
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, **dtype)
+            model.tie_weights()  # the context gives each registration its own meta tensor
+            reason = misfit(model, self._stored)
+        if reason is None:
+            self.weights_pending = path
+            return model
+        log.warning("model.llm.init_args.sharded_load: %s cannot be read rank by rank (%s): every rank reads "
+                    "all of it", path, reason)
+        return None
+
     def load_pending_weights(self, device: torch.device | str = "cpu") -> None:
         from storm_lightning.sharded_load import read_into
 
         if self.weights_pending is not None:
-            read_into(self.model, self.weights_pending, device, key="model.llm.init_args.pretrained_path",
+            read_into(self.model, self._stored, device,
                       std=getattr(self.model.config.get_text_config(), "initializer_range", 0.02))
             self.weights_pending = None

@@ -229,7 +229,10 @@ class StormModel(L.LightningModule):
         self.llm.load_pending_weights(strategy.root_device if strategy is not None else self.device)
 
     def _shard(self, mesh) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        if isinstance(self.llm, FSDPModule):  # configure_model runs once per trainer.fit/test/...
+            return
 
         dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)

@@ -1,21 +1,25 @@
 """Reading a pretrained checkpoint into a model built on the meta device, after FSDP2 has sharded it.
 
-``HFCausalLM(pretrained_path=..., sharded_load=True)`` builds the LLM's structure with its parameters on
-the meta device (no memory); ``StormModel.configure_model`` shards it (``fully_shard``) and then calls
-``read_into``: each rank reads, tensor by tensor, only the rows of its own shard from the checkpoint's
-safetensors files, in the checkpoint's dtype. No rank ever holds a full copy of the model, and each file
-is mapped for one tensor at a time (mapped pages count in a process's RSS). Unsharded (one device), the
-same function reads every row.
+``HFCausalLM(pretrained_path=..., sharded_load=True)`` reads the checkpoint's safetensors headers
+(``read_header``), builds the LLM's structure with its parameters on the meta device (no memory) in the
+checkpoint's dtype, and checks that every parameter is stored under its own name and shape
+(``misfit``; when not, as for models transformers converts while loading, it loads them whole instead).
+``StormModel.configure_model`` shards it (``fully_shard``) and then calls ``read_into``: each rank reads,
+tensor by tensor, only the rows of its own shard, in the checkpoint's dtype. No rank ever holds a full
+copy of the model, and each file is mapped for one tensor at a time (mapped pages count in a process's
+RSS). Unsharded (one device), the same function reads every row.
 
 FSDP2 shards each parameter along dim 0 as ``torch.chunk`` does: rank r holds rows
 ``[r * c, min((r + 1) * c, n))`` with ``c = ceil(n / world)`` (checked against the shard's own shape).
-An embedding grown past the checkpoint's vocabulary (``StormModel`` adds media tokens) gets the
-checkpoint's rows and new rows drawn as ``resize_token_embeddings`` would draw them (normal, ``std``).
+An embedding or head grown past the checkpoint's vocabulary (``StormModel`` adds media tokens) gets the
+checkpoint's rows, and new rows as ``resize_token_embeddings`` makes them: drawn from a normal
+(``std``) for a matrix, zero for a bias.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,29 +28,72 @@ from torch import nn
 from storm_lightning.errors import ConfigError
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
-def checkpoint_files(directory: str | Path, key: str) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it (``model.safetensors`` or an indexed set)."""
-    from safetensors import safe_open
+@dataclass(frozen=True)
+class Stored:
+    """One tensor of a safetensors checkpoint: its file, shape and dtype (safetensors' name: BF16, ...)."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def read_header(directory: str | Path, key: str) -> dict[str, Stored]:
+    """Every tensor of the checkpoint in ``directory`` (``model.safetensors`` or an indexed set), from
+    the files' headers only; {} without safetensors. A corrupt one: ConfigError naming ``key``."""
+    from safetensors import SafetensorError, safe_open
 
     root = Path(directory)
     if (root / INDEX).is_file():
         try:
             weight_map = json.loads((root / INDEX).read_text())["weight_map"]
-            files = {str(name): root / str(file) for name, file in weight_map.items()}
+            names = {str(file) for file in weight_map.values()}
         except (ValueError, KeyError, TypeError, AttributeError) as exn:
             raise ConfigError(f"{key}: {root / INDEX} is not a safetensors index ({exn})") from None
-        for file in set(files.values()):
-            if file.resolve().parent != root.resolve() or not file.is_file():
-                raise ConfigError(f"{key}: {root / INDEX} names '{file.name}', not a file in {root}")
-        return files
-    if (root / SINGLE).is_file():
-        with safe_open(str(root / SINGLE), framework="pt") as f:
-            return {name: root / SINGLE for name in f.keys()}
-    raise ConfigError(f"{key}: sharded_load reads safetensors, and {root} has neither {SINGLE} nor {INDEX} "
-                      "(save the model with save_pretrained(..., safe_serialization=True), or set "
-                      "sharded_load: false)")
+        for name in names:  # a file of this folder (a hub snapshot's are links into its blobs/: followed)
+            if Path(name).name != name or name in (".", "..") or not (root / name).is_file():
+                raise ConfigError(f"{key}: {root / INDEX} names '{name}', not a file in {root}")
+    elif (root / SINGLE).is_file():
+        names = {SINGLE}
+    else:
+        return {}
+    header = {}
+    for name in sorted(names):
+        try:
+            with safe_open(str(root / name), framework="pt") as f:
+                for tensor in f.keys():
+                    stored = f.get_slice(tensor)
+                    header[tensor] = Stored(root / name, tuple(stored.get_shape()), stored.get_dtype())
+        except (SafetensorError, OSError) as exn:
+            raise ConfigError(f"{key}: {root / name} is not a readable safetensors file "
+                              f"({' '.join(str(exn).split())})") from None
+    return header
+
+
+def stored_dtype(header: dict[str, Stored]) -> torch.dtype | None:
+    """The floating dtype the checkpoint's tensors are stored in (the first one found)."""
+    return next((_DTYPES[s.dtype] for s in header.values() if s.dtype in _DTYPES), None)
+
+
+def _growable(module: nn.Module) -> set[str]:
+    """Names of the parameters that may have more rows than stored: the input embedding, the head."""
+    ends = [m for m in (module.get_input_embeddings(), module.get_output_embeddings()) if m is not None]
+    return {name for name, p in module.named_parameters() if any(p is q for end in ends for q in end.parameters())}
+
+
+def misfit(module: nn.Module, header: dict[str, Stored]) -> str | None:
+    """Why ``header`` cannot be read into ``module``'s parameters name for name, or None."""
+    growable = _growable(module)
+    for name, param in module.named_parameters():  # a tied head is the embedding's parameter, listed once
+        stored = header.get(name)
+        if stored is None:
+            return f"no tensor '{name}' (the checkpoint's names differ from the model's)"
+        grown = name in growable and param.dim() > 0 and stored.shape[0] <= param.shape[0]
+        if stored.shape != tuple(param.shape) and not (grown and stored.shape[1:] == tuple(param.shape[1:])):
+            return f"'{name}' is {stored.shape} in the checkpoint, {tuple(param.shape)} in the model"
+    return None
 
 
 def _rows(tensor: torch.Tensor, full_rows: int) -> tuple[int, int]:
@@ -64,9 +111,10 @@ def _rows(tensor: torch.Tensor, full_rows: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def read_into(module: nn.Module, directory: str | Path, device: torch.device | str, key: str, std: float) -> None:
+def read_into(module: nn.Module, header: dict[str, Stored], device: torch.device | str, std: float) -> None:
     """Materialise ``module``'s meta parameters on ``device`` (sharded or not) and fill them from the
-    checkpoint in ``directory``. Buffers (rotary frequencies, built for real) are kept."""
+    checkpoint (``read_header``; ``misfit`` has passed). Buffers (rotary frequencies, built for real)
+    are kept."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
@@ -81,27 +129,17 @@ def read_into(module: nn.Module, directory: str | Path, device: torch.device | s
     for name, target in tied.items():
         owner, _, attr = name.rpartition(".")
         setattr(module.get_submodule(owner), attr, module.get_parameter(target))
-    files = checkpoint_files(directory, key)
-    params = dict(module.named_parameters())  # a tied head is the embedding's parameter, listed once
-    missing = sorted(set(params) - set(files))
-    if missing:
-        raise ConfigError(f"{key}: {directory} has no tensors {missing[:5]} for this model (its names may need "
-                          "transformers' own conversion: set sharded_load: false)")
-    for name, param in params.items():
+    for name, param in module.named_parameters():
         local = param.to_local() if isinstance(param, DTensor) else param.data
-        if param.dim() == 0:
-            with safe_open(str(files[name]), framework="pt") as f:
+        stored = header[name]
+        with safe_open(str(stored.file), framework="pt") as f:  # one tensor's pages mapped at a time
+            if param.dim() == 0:
                 local.copy_(f.get_tensor(name))
-            continue
-        with safe_open(str(files[name]), framework="pt") as f:  # one tensor's pages mapped at a time
-            stored = f.get_slice(name)
-            shape = tuple(stored.get_shape())
-            if shape[1:] != tuple(param.shape[1:]) or shape[0] > param.shape[0]:
-                raise ConfigError(f"{key}: {name} is {shape} in {directory}, the model's is {tuple(param.shape)}")
+                continue
             start, stop = _rows(param, param.shape[0])
             assert local.shape[0] == stop - start, (name, local.shape, start, stop)
-            have = max(0, min(stop, shape[0]) - start)  # rows of this part the checkpoint holds
+            have = max(0, min(stop, stored.shape[0]) - start)  # rows of this part the checkpoint holds
             if have:
-                local[:have].copy_(stored[start:start + have])
+                local[:have].copy_(f.get_slice(name)[start:start + have])
         if have < local.shape[0]:  # a vocabulary grown past the checkpoint's
-            local[have:].normal_(0.0, std)
+            local[have:].normal_(0.0, std) if local.dim() > 1 else local[have:].zero_()

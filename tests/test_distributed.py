@@ -81,7 +81,8 @@ def _sharded_load_worker(rank: int, world: int, port: int, out_dir: str) -> None
     model._trainer = SimpleNamespace(world_size=world)
     model.configure_model()
     head, embed = model.llm.model.lm_head.weight, model.llm.model.model.embed_tokens.weight
-    local_rows = embed.to_local().shape[0] if isinstance(embed, DTensor) else None
+    gate = model.llm.model.model.layers[0].mlp.gate_proj.weight
+    local_rows = [t.to_local().shape[0] for t in (embed, gate) if isinstance(t, DTensor)]
     loaded = get_model_state_dict(model.llm, options=StateDictOptions(full_state_dict=True))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     torch.manual_seed(1)  # the same batch on both ranks (rank 1 drew the new vocabulary rows)
@@ -103,7 +104,7 @@ def test_sharded_load_reads_each_ranks_rows_of_a_pretrained_llm(tmp_path):
 
     torch.manual_seed(0)
     qwen2 = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1, intermediate_size=64, vocab_size=611,
+                                         num_key_value_heads=1, intermediate_size=63, vocab_size=611,
                                          tie_word_embeddings=True))
     qwen2.save_pretrained(tmp_path / "qwen2", max_shard_size="40KB")  # several files and an index
     assert (tmp_path / "qwen2/model.safetensors.index.json").is_file()
@@ -117,7 +118,8 @@ def test_sharded_load_reads_each_ranks_rows_of_a_pretrained_llm(tmp_path):
                 p.kill()
             pytest.fail("sharded loading hung")
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-    assert [r["rows"] for r in results] == [310, 310]  # 620 rows (611 + media tokens), one half each
+    # 620 rows (611 + media tokens), one half each; 63 MLP rows: 32 and 31 (torch.chunk's split)
+    assert [r["rows"] for r in results] == [[310, 32], [310, 31]]
     assert all(r["tied"] and not r["meta"] and r["loss"] == results[0]["loss"] for r in results)
     for r in results:  # gathered: every tensor the checkpoint's, bit for bit, new vocabulary rows drawn
         for name, value in qwen2.state_dict().items():

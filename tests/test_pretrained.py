@@ -135,7 +135,7 @@ def test_an_llm_loads_with_its_own_sizes_and_contradictions_fail(tmp_path):
         HFCausalLM(pretrained_path=str(tmp_path / "qwen2"), num_layers=28)
 
 
-def test_sharded_load_on_one_device_reads_what_from_pretrained_reads(tmp_path):
+def test_sharded_load_on_one_device_reads_what_from_pretrained_reads(tmp_path, caplog):
     """``sharded_load`` (conf/fsdp.yaml) without FSDP2: built on meta, read by configure_model, equal to
     transformers' own loading; with LoRA the weights are read at build (peft wraps real weights); a
     checkpoint without safetensors is one line naming the key."""
@@ -166,11 +166,39 @@ def test_sharded_load_on_one_device_reads_what_from_pretrained_reads(tmp_path):
     theirs = {plain_key(k): v for k, v in adapted.llm.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(theirs[k], v) for k, v in eager.llm.state_dict().items())
 
-    (tmp_path / "bin").mkdir()  # an older layout: pytorch_model.bin
+    # in the stored dtype where config.json names none, as transformers' own loading
+    import json
+
+    qwen2.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    config = json.loads((tmp_path / "bf16/config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (tmp_path / "bf16/config.json").write_text(json.dumps(config))
+    assert HFCausalLM(pretrained_path=str(tmp_path / "bf16"), sharded_load=True).model.dtype == torch.bfloat16
+    assert HFCausalLM(pretrained_path=str(tmp_path / "bf16")).model.dtype == torch.bfloat16
+
+    # what cannot be read rank by rank is read whole, with a warning: an older layout (pytorch_model.bin),
+    # names transformers converts while loading (here: one renamed), a shape other than the model's
+    from safetensors.torch import load_file, save_file
+
+    (tmp_path / "bin").mkdir()
     (tmp_path / "bin/config.json").write_bytes((tmp_path / "qwen2/config.json").read_bytes())
     torch.save(qwen2.state_dict(), tmp_path / "bin/pytorch_model.bin")
-    with pytest.raises(ConfigError, match=r"model.llm.init_args.pretrained_path: sharded_load reads safetensors"):
-        tiny(llm=HFCausalLM(pretrained_path=str(tmp_path / "bin"), sharded_load=True)).configure_model()
+    tensors = load_file(tmp_path / "qwen2/model.safetensors")
+    renamed = dict(tensors, renamed=tensors["model.norm.weight"])
+    del renamed["model.norm.weight"]
+    k_proj = "model.layers.0.self_attn.k_proj.weight"
+    for folder, changed in (("renamed", renamed), ("shape", dict(tensors, **{k_proj: tensors[k_proj][:8]}))):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_bytes((tmp_path / "qwen2/config.json").read_bytes())
+        save_file(changed, tmp_path / folder / "model.safetensors", metadata={"format": "pt"})
+    for folder, reason in (("bin", "it holds no safetensors"), ("renamed", "no tensor 'model.norm.weight'")):
+        with caplog.at_level("WARNING", logger="storm_lightning.llm"):
+            llm = HFCausalLM(pretrained_path=str(tmp_path / folder), sharded_load=True)
+        assert llm.weights_pending is None and reason in caplog.text and "every rank reads all of it" in caplog.text
+    assert all(torch.equal(llm.state_dict()[k], v) for k, v in eager.llm.state_dict().items() if "norm" not in k)
+    with caplog.at_level("WARNING", logger="storm_lightning.llm"), pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        HFCausalLM(pretrained_path=str(tmp_path / "shape"), sharded_load=True)  # transformers: a size mismatch
+    assert "is (8, 32) in the checkpoint, (16, 32) in the model" in caplog.text
 
 
 def test_an_export_needs_no_original_checkpoint_directory(tmp_path):
