@@ -21,13 +21,15 @@ import math
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from storm_lightning.errors import MissingPathError, UnsafeFileError, UserError, one_line_errors
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +60,29 @@ def load_checkpoint_file(path: str | Path, what: str) -> dict:
     return checkpoint
 
 
+def load_pretrained(load: Callable[[], T], path: str, key: str) -> T:
+    """``load()`` (transformers' ``from_pretrained`` of the directory ``path``), with its failures as one
+    line naming ``key``: a pickled ``pytorch_model.bin`` (transformers loads it weights-only and refuses
+    it), weights of another shape, an unreadable file."""
+    try:
+        return load()
+    except pickle.UnpicklingError as exn:
+        first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+        raise UnsafeFileError(f"{key}: {path} holds more than tensors and plain data, refused ({first})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, MemoryError, RecursionError) as exn:
+        raise UserError(f"{key}: {path} does not load ({type(exn).__name__}: "
+                        f"{' '.join(str(exn).split())[:300]})") from None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        """``--ckpt_path``: weights only, local files only (Lightning's own loader unpickles URLs freely)."""
-        return load_checkpoint_file(path, "--ckpt_path")
+        """``--ckpt_path``: weights only, local files only (Lightning's own loader unpickles URLs freely);
+        a checkpoint Lightning wrote, not weights alone (``model.init_from`` takes those)."""
+        checkpoint = load_checkpoint_file(path, "--ckpt_path")
+        if not {"pytorch-lightning_version", "state_dict"} <= checkpoint.keys():
+            raise UserError(f"--ckpt_path {path}: holds weights only, not a checkpoint of a run: give it as "
+                            f"--model.init_from={path} instead (fit, validate and test take it)")
+        return checkpoint
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
@@ -268,6 +289,8 @@ def consolidate(sharded: str, output: str) -> dict:
     folder = Path(sharded)
     if not folder.is_dir():
         raise MissingPathError(f"'{sharded}' is not a sharded checkpoint folder")
+    if Path(output).is_dir():
+        raise UserError(f"OUTPUT {output}: is a folder: give the name of the file to write")
     verify_sharded_checkpoint(folder)
     checkpoint = _load_distributed_checkpoint(folder)
     if "model" in checkpoint:  # FSDPStrategy's layout; ModelParallelStrategy already says state_dict

@@ -39,9 +39,10 @@ def shards_main(args: list[str] | None = None) -> None:
     synth = sub.add_parser("synth", help="generate the synthetic temporal-reasoning shards and tokenizer")
     synth.add_argument("--out", default="data_shards")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-size", type=int, default=64)
-    synth.add_argument("--scale", type=float, default=1.0, help="multiply every source's sample count")
-    synth.add_argument("--shards-per-source", type=int, default=4)
+    synth.add_argument("--image-size", type=_in_range(int, 16, 2048), default=64)
+    synth.add_argument("--scale", type=_in_range(float, 1e-4, 1e3), default=1.0,
+                       help="multiply every source's sample count")
+    synth.add_argument("--shards-per-source", type=_in_range(int, 1, 10000), default=4)
     conv = sub.add_parser("convert", help="annotations (LLaVA, VILA, ms-swift, LLaMA-Factory, Video-MME, MVBench, "
                                           "MLVU, LongVideoBench) + a media folder -> shards")
     conv.add_argument("--annotations", required=True, help="a .json list of records, a .jsonl or a .parquet file")
@@ -74,6 +75,9 @@ def shards_main(args: list[str] | None = None) -> None:
 def _shards(opts: argparse.Namespace) -> None:
     if opts.command == "synth":
         from storm_lightning.data.synth import synthesize
+
+        if Path(opts.out).exists() and not Path(opts.out).is_dir():
+            raise UserError(f"--out {opts.out}: exists and is not a folder")
 
         counts = synthesize(opts.out, seed=opts.seed, image_size=opts.image_size, scale=opts.scale,
                             shards_per_source=opts.shards_per_source)

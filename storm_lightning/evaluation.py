@@ -52,7 +52,9 @@ class MultipleChoiceMetrics(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.accuracy = nn.ModuleDict()
+        # group name -> metric; a plain dict: a category may hold any character ("Action.Counting"), which
+        # a module name may not. The metrics hold no weights, and are created on the scores' device.
+        self.accuracy: dict[str, MeanMetric] = {}
         self.predictions: list[dict] = []
 
     def update(self, batch: Batch, scores: Tensor, stage: str) -> None:
@@ -77,10 +79,9 @@ class MultipleChoiceMetrics(nn.Module):
                 })
 
     def _metric(self, name: str, device) -> MeanMetric:
-        key = name.replace("/", ":")  # ModuleDict keys cannot hold "."; "/" reads badly in state dicts
-        if key not in self.accuracy:
-            self.accuracy[key] = MeanMetric().to(device)
-        return self.accuracy[key]
+        if name not in self.accuracy:
+            self.accuracy[name] = MeanMetric().to(device)
+        return self.accuracy[name]
 
     def compute(self, stage: str, world_size: int, device) -> dict[str, Tensor]:
         """Every accuracy of ``stage``, synchronised across ranks, then reset.
@@ -88,7 +89,7 @@ class MultipleChoiceMetrics(nn.Module):
         Ranks see different categories, so first agree on the union of names, then compute in one
         sorted order: every rank makes the same collective calls.
         """
-        names = sorted(k.replace(":", "/") for k in self.accuracy if k.startswith(f"{stage}:"))
+        names = sorted(k for k in self.accuracy if k.startswith(f"{stage}/"))
         if world_size > 1:
             gathered: list = [None] * world_size
             torch.distributed.all_gather_object(gathered, names)

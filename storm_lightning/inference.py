@@ -7,6 +7,7 @@ the run (``runs/<name>/config.yaml`` for ``runs/<name>/checkpoints/*.ckpt``) and
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -27,6 +28,19 @@ def find_config(checkpoint: str) -> Path:
         if candidate.is_file():
             return candidate
     raise MissingPathError(f"no config.yaml beside '{checkpoint}' or its parent: pass --config")
+
+
+def usable_device(name: str | None, key: str) -> torch.device:
+    """``name`` (default: cuda when available, else cpu) as a device this machine has, or a one-line
+    ConfigError naming ``key``."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"{key}={name!r}: not a torch device (cpu, cuda, cuda:N)") from None
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and (device.index or 0) >= count):
+        raise ConfigError(f"{key}={name!r}: not usable here (CUDA devices: {torch.cuda.device_count()})")
+    return device
 
 
 def load_config(config: str, need_model: bool = True) -> dict:
@@ -59,11 +73,22 @@ def model_config(config: str) -> tuple[dict, dict]:
     return model_cfg, sections["data"]
 
 
+# modules (comma-separated) besides storm_lightning whose classes a model config may name outside storm-fit
+TRUSTED_MODULES = "STORM_TRUSTED_MODULES"
+
+
 def instantiate(model_cfg: dict, compressors: list[Compressor] | None = None, source: str = "config") -> StormModel:
     """A StormModel (random weights) from a model config dict; ``compressors`` replaces the chain.
     ``source`` names the file the config came from, for errors."""
     from jsonargparse import ArgumentError, ArgumentParser
 
+    # a class_path is imported before it is checked to be a component, and a run's config.yaml or an
+    # export's config.json may come from anyone: only storm_lightning's (and modules the user trusts)
+    trusted = ("storm_lightning.", *(f"{m.strip()}." for m in os.environ.get(TRUSTED_MODULES, "").split(",") if m.strip()))
+    foreign = sorted({v for v in _class_paths(model_cfg) if not v.startswith(trusted)})
+    if foreign:
+        raise ConfigError(f"{source}: names classes outside storm_lightning: {foreign[:3]} (to load your own "
+                          f"components, name their modules in {TRUSTED_MODULES}, comma-separated)")
     model_cfg = dict(model_cfg, compressors=[] if compressors is not None else model_cfg.get("compressors", []))
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(StormModel, "model")
@@ -165,9 +190,13 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
         raise MissingPathError(f"'{directory}' is not a storm-export directory (no {EXPORT_CONFIG})")
     try:
         model_cfg = dict(json.loads((root / EXPORT_CONFIG).read_text())["model"])
-        model_cfg["tokenizer_path"] = str(root / model_cfg["tokenizer_path"])
+        tokenizer = Path(str(model_cfg["tokenizer_path"]))
     except (ValueError, KeyError, TypeError, RecursionError) as exn:
         raise ConfigError(f"{root / EXPORT_CONFIG}: not a storm-export config ({type(exn).__name__}: {exn})") from None
+    if tokenizer.is_absolute() or ".." in tokenizer.parts:  # its tokenizer is its own too
+        raise ConfigError(f"{root / EXPORT_CONFIG}: model.tokenizer_path must be a folder inside the export "
+                          f"directory, got '{tokenizer}'")
+    model_cfg["tokenizer_path"] = str(root / tokenizer)
     model_cfg["init_from"] = None  # the weights are this directory's
     for key in STRUCTURE_FROM_CONFIG:  # so are a pretrained component's: only its structure is read
         init_args = _init_args(model_cfg, key)
@@ -179,10 +208,6 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
             init_args["pretrained_path"], init_args["pretrained_weights"] = str(root / path), False
         if init_args.get("checkpoint_path"):
             init_args["checkpoint_path"] = None
-    # a class_path is imported before it is checked to be a component: an export names ours only
-    foreign = sorted({v for v in _class_paths(model_cfg) if not v.startswith("storm_lightning.")})
-    if foreign:
-        raise ConfigError(f"{root / EXPORT_CONFIG}: names classes that are not storm_lightning components: {foreign}")
     model = instantiate(model_cfg, compressors, source=str(root / EXPORT_CONFIG))
     weights = root / EXPORT_WEIGHTS
     if not weights.is_file() or weights.is_symlink():

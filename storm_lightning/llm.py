@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from storm_lightning.checkpoint import load_pretrained
 from storm_lightning.errors import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ class HFCausalLM(CausalLM):
                                       "checkpoint) or point pretrained_path at another model")
             model = self._on_meta(config, pretrained_path) if pretrained_weights and sharded_load else None
             if model is None and pretrained_weights:
-                model = AutoModelForCausalLM.from_pretrained(pretrained_path, trust_remote_code=False)
+                model = load_pretrained(lambda: AutoModelForCausalLM.from_pretrained(
+                    pretrained_path, trust_remote_code=False), pretrained_path, "model.llm.init_args.pretrained_path")
             elif model is None:
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
             self.model = model

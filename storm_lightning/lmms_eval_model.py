@@ -31,6 +31,7 @@ each rank its shard of the documents, and this model answers the requests it is 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -66,6 +67,32 @@ def _at_least_one(value, name: str):
     if value is not None and value < 1:
         raise ConfigError(f"--model_args {name} must be >= 1, got {value}")
     return value
+
+
+def _generation_settings(gen_kwargs: dict, task, default_max_new: int) -> tuple[tuple[str, ...], int, float]:
+    """A task's ``generation_kwargs`` -> (stop strings, max new tokens, temperature); a value that would
+    fail at every request is a ConfigError naming the task and the key."""
+    def bad(key: str, expected: str):
+        return ConfigError(f"task {task}: generation_kwargs.{key}={gen_kwargs.get(key)!r}: expected {expected}")
+
+    until = gen_kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else until
+    if not isinstance(until, (list, tuple)) or not all(isinstance(u, str) and u for u in until):
+        raise bad("until", "a string or a list of non-empty strings")
+    max_new = gen_kwargs.get("max_new_tokens") or default_max_new
+    if isinstance(max_new, str) and max_new.strip().isdigit():
+        max_new = int(max_new)
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= 65536:
+        raise bad("max_new_tokens", "a whole number in [1, 65536]")
+    try:
+        temperature = float(gen_kwargs.get("temperature") or 0.0)
+    except (TypeError, ValueError):
+        raise bad("temperature", "a number >= 0") from None
+    if not 0 <= temperature < math.inf:
+        raise bad("temperature", "a number >= 0")
+    if gen_kwargs.get("do_sample") in (False, "false", "False", 0):  # as transformers: no sampling at all
+        temperature = 0.0
+    return tuple(until), max_new, temperature
 
 
 def _distributed() -> tuple[int, int, int, object | None]:
@@ -113,7 +140,7 @@ class Storm(lmms):
         super().__init__()
         from storm_lightning.compressors import SpatialAveragePool, TemporalAveragePool, TemporalSample
         from storm_lightning.data.video import FrameSampling, ReadLimits
-        from storm_lightning.inference import load_model
+        from storm_lightning.inference import load_model, usable_device
 
         if unknown:
             raise ConfigError(f"--model_args: unknown for storm: {', '.join(sorted(unknown))} (known: checkpoint, "
@@ -151,13 +178,7 @@ class Storm(lmms):
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
         elif device == "cuda" and self._world_size > 1:
             device = f"cuda:{local_rank}"
-        try:
-            self._device = torch.device(device)
-        except RuntimeError:
-            raise ConfigError(f"--model_args device={device!r}: not a torch device") from None
-        if self._device.type == "meta" or (self._device.type == "cuda" and not torch.cuda.is_available()):
-            raise ConfigError(f"--model_args device={device!r}: not usable here (CUDA available: "
-                              f"{torch.cuda.is_available()})")
+        self._device = usable_device(device, "--model_args device")
 
         chain = []
         if ints["temporal_pool"]:
@@ -268,12 +289,7 @@ class Storm(lmms):
         for request in tqdm(requests, disable=self.rank != 0, desc="storm generate_until"):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             gen_kwargs = dict(gen_kwargs or {})
-            until = gen_kwargs.get("until") or []
-            until = tuple([until] if isinstance(until, str) else until)
-            max_new = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
-            temperature = float(gen_kwargs.get("temperature") or 0.0)
-            if gen_kwargs.get("do_sample") is False:  # as in transformers: no sampling, whatever the temperature
-                temperature = 0.0
+            until, max_new, temperature = _generation_settings(gen_kwargs, task, self.max_new_tokens)
             pixels = self._visual(doc_to_visual, doc_id, task, split)
             text = generate(self.model, self._prompt(context, pixels), pixels, max_new_tokens=max_new,
                             temperature=temperature, until=until)  # storm-chat's generation

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from storm_lightning.compressors import SpatialAveragePool, TemporalAveragePool, TemporalSample
-from storm_lightning.errors import ConfigError, MissingPathError, one_line_errors
-from storm_lightning.inference import build_model, media_batch
+from storm_lightning.data.video import ReadLimits
+from storm_lightning.errors import ConfigError, MissingPathError, UserError, one_line_errors
+from storm_lightning.inference import build_model, media_batch, usable_device
 
 STAGES = ("vision", "projector", "compression", "llm_prefill")
 COMPRESSIONS = {"temporal_pool": TemporalAveragePool, "temporal_sample": TemporalSample,
@@ -164,8 +165,14 @@ def main(args: list[str] | None = None) -> None:
                 raise ConfigError(f"--{flag} must all be >= 1, got {getattr(opts, flag)}")
         if opts.repeats < 1 or opts.warmup < 0 or opts.decode_tokens < 0:
             raise ConfigError("--repeats must be >= 1, --warmup and --decode-tokens >= 0")
+        most = ReadLimits().max_frames  # a clip is allocated whole: bounded as a read is
+        if max(opts.frames) > most:
+            raise ConfigError(f"--frames must all be <= {most} (the reader's limit), got {opts.frames}")
         if not Path(opts.config).is_file():
             raise MissingPathError(f"--config: no such file '{opts.config}'")
+        if Path(opts.out).is_dir() or Path(opts.out).with_suffix(".png").is_dir():
+            raise UserError(f"--out {opts.out}: is a folder: give the CSV file to write")
+        device = usable_device(opts.device, "--device")
         rows = run(opts.config, opts.frames, opts.ratios, opts.compression, opts.repeats, opts.warmup,
-                   opts.decode_tokens, opts.out, opts.device)
+                   opts.decode_tokens, opts.out, str(device))
     print(f"{len(rows)} rows -> {opts.out} and {Path(opts.out).with_suffix('.png')}")

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from storm_lightning.checkpoint import load_checkpoint_file, load_pretrained
 from storm_lightning.errors import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,8 @@ def _load_siglip(path: str, weights: bool = True) -> nn.Module:
                           "or SigLIP2 tower (use TimmViTBackbone for other vision transformers)")
     # the pooling head is not used: not loaded, never run
     if weights:
-        return towers[model_type].from_pretrained(path, vision_use_head=False)
+        return load_pretrained(lambda: towers[model_type].from_pretrained(path, vision_use_head=False), path,
+                               "model.vision.init_args.pretrained_path")
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     config = getattr(config, "vision_config", config)  # a whole SigLIP model's: its vision tower's
     config.vision_use_head = False
@@ -226,14 +228,17 @@ class TimmViTBackbone(VisionBackbone):
             model_name, pretrained=False, num_classes=0, img_size=image_size, patch_size=patch_size
         )
         if checkpoint_path is not None:
-            if not Path(checkpoint_path).is_file():
-                raise MissingPathError(f"model.vision.init_args.checkpoint_path: no such file '{checkpoint_path}'")
-            state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            key = "model.vision.init_args.checkpoint_path"
+            state = load_checkpoint_file(checkpoint_path, key)
             state = state.get("state_dict", state.get("model", state))
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = self.model.load_state_dict(state, strict=False)
+            except (RuntimeError, TypeError, AttributeError) as exn:  # other shapes, not tensors
+                raise ConfigError(f"{key}: {checkpoint_path} does not fit {model_name} "
+                                  f"({' '.join(str(exn).split())[:300]})") from None
             missing = [k for k in missing if not k.startswith("head")]
             if missing:
-                raise RuntimeError(f"{checkpoint_path} lacks weights for {missing[:5]}... ({len(missing)} keys)")
+                raise ConfigError(f"{key}: {checkpoint_path} lacks weights for {missing[:5]}... ({len(missing)} keys)")
         self.image_size, self.patch_size = image_size, patch_size
         self.hidden_size = self.model.num_features
         self.model.set_grad_checkpointing(gradient_checkpointing)

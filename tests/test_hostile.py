@@ -175,6 +175,10 @@ def test_resume_onto_replaced_shards_restarts_that_source(tmp_path, caplog):
      "argument --folder-fps: must be in [0.001, 10000.0], got 1e5"),  # written, then skipped as bad_fps
     (["check", "x.tar", "--frames", "0"], "argument --frames: must be in [1, 1024], got 0"),
     (["check", "x.tar", "--image-size", "-1"], "argument --image-size: must be in [1, 2048], got -1"),
+    # the fourth pass: a ValueError, a ZeroDivisionError, one sample per source without a word
+    (["synth", "--image-size", "0"], "argument --image-size: must be in [16, 2048], got 0"),
+    (["synth", "--shards-per-source", "0"], "argument --shards-per-source: must be in [1, 10000], got 0"),
+    (["synth", "--scale", "-1"], "argument --scale: must be in [0.0001, 1000.0], got -1"),
 ])
 def test_shard_tool_numbers_out_of_range_are_one_line(capsys, argv, message):
     from storm_lightning.cli import shards_main
@@ -275,3 +279,73 @@ def test_benchmark_records_with_too_many_options_or_odd_categories_are_reported(
         assert info.value.kind == kind
     ok = videomme({**base, "options": ["A. a", "B. b"], "duration": 600})  # LongVideoBench-style groups
     assert ok.meta["duration"] == "600"
+
+
+# ---- the fourth hostile pass (docs/reliability.md) --------------------------------------------------------
+
+def test_a_category_or_duration_with_any_character_is_scored():
+    """``Action.Counting`` / ``1.5min`` were module names: a KeyError at the first validation."""
+    from types import SimpleNamespace
+
+    from storm_lightning.evaluation import MultipleChoiceMetrics
+
+    metrics = MultipleChoiceMetrics()
+    batch = SimpleNamespace(options=[["a", "b"], ["a", "b"]], answer=[0, 1], category=["Action.Counting", "x:y/z"],
+                            duration=["1.5min", None], clip_frames=[8, 8], keys=["k0", "k1"], sources=["v", "v"],
+                            frames_per_sample=torch.tensor([8, 8]))
+    metrics.update(batch, torch.tensor([[2.0, 1.0], [2.0, 1.0]]), "val")
+    values = metrics.compute("val", world_size=1, device="cpu")
+    assert values["val/accuracy/category/Action.Counting"] == 1 and values["val/accuracy/category/x:y/z"] == 0
+    assert values["val/accuracy/duration/1.5min"] == 1 and values["val/accuracy/overall"] == 0.5
+
+
+def test_ckpt_path_of_weights_alone_and_consolidate_into_a_folder_are_one_line(tmp_path):
+    from storm_lightning.checkpoint import AtomicCheckpointIO, consolidate
+
+    torch.save({"state_dict": {"w": torch.ones(1)}}, tmp_path / "weights.ckpt")  # what init_from takes
+    with pytest.raises(UserError, match="holds weights only, not a checkpoint of a run: give it as --model.init_from="):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "weights.ckpt")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match="OUTPUT .*out: is a folder: give the name of the file to write"):
+        consolidate(str(tmp_path / "shards"), str(tmp_path / "out"))
+
+
+def test_synth_into_a_file_is_one_line_and_a_rerun_leaves_no_stale_shards(tmp_path, capsys):
+    from storm_lightning.cli import shards_main
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        shards_main(["synth", "--out", str(tmp_path / "file")])
+    assert exit_.value.code == 2 and "--out" in capsys.readouterr().err
+    shards_main(["synth", "--out", str(tmp_path / "d"), "--scale", "0.002", "--shards-per-source", "3", "--image-size", "16"])
+    shards_main(["synth", "--out", str(tmp_path / "d"), "--scale", "0.002", "--shards-per-source", "2", "--image-size", "16"])
+    assert sorted(p.name for p in (tmp_path / "d/train").glob("text-*.tar")) == ["text-000000.tar", "text-000001.tar"]
+
+
+def test_pickled_or_other_component_weights_are_one_line_and_run_nothing(tmp_path, marker):
+    """A SigLIP tower's or an LLM's pytorch_model.bin holding a payload, a timm checkpoint_path holding one
+    or holding another model's weights: 18-22-frame tracebacks before (nothing ran: weights-only)."""
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    from storm_lightning.llm import HFCausalLM
+    from storm_lightning.vision import SiglipVisionBackbone, TimmViTBackbone
+
+    payload = {"w": WritesAFile(str(marker))}
+    for name, config in (("siglip", SiglipVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=48, image_size=32, patch_size=8)),
+                         ("qwen2", Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               num_key_value_heads=1, intermediate_size=48, vocab_size=64))):
+        config.save_pretrained(tmp_path / name)
+        torch.save(payload, tmp_path / name / "pytorch_model.bin")
+    with pytest.raises(UnsafeFileError, match=r"^model.vision.init_args.pretrained_path: .*siglip holds more than"):
+        SiglipVisionBackbone(pretrained_path=str(tmp_path / "siglip"))
+    with pytest.raises(UnsafeFileError, match=r"^model.llm.init_args.pretrained_path: .*qwen2 holds more than"):
+        HFCausalLM(pretrained_path=str(tmp_path / "qwen2"))
+    torch.save(payload, tmp_path / "timm.pt")
+    timm_args = dict(model_name="vit_tiny_patch16_224", image_size=32, patch_size=8)
+    with pytest.raises(UnsafeFileError, match=r"^model.vision.init_args.checkpoint_path: .*timm.pt holds more than"):
+        TimmViTBackbone(checkpoint_path=str(tmp_path / "timm.pt"), **timm_args)
+    torch.save({"state_dict": {"pos_embed": torch.zeros(3)}}, tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match=r"^model.vision.init_args.checkpoint_path: .*other.pt does not fit"):
+        TimmViTBackbone(checkpoint_path=str(tmp_path / "other.pt"), **timm_args)

@@ -294,6 +294,17 @@ def test_user_errors_are_one_line(storm, workdir):
         with pytest.raises(error, match=text) as info:
             storm.media(visual if isinstance(visual, list) else str(visual))
         assert "\n" not in str(info.value)
+    # a task's generation_kwargs that would end the evaluation with a traceback at its first request
+    from storm_lightning.lmms_eval_model import _generation_settings
+
+    assert _generation_settings({"until": "\n", "max_new_tokens": "8", "do_sample": False, "temperature": 0.7},
+                                "t", 16) == (("\n",), 8, 0.0)
+    for kwargs, text in (({"max_new_tokens": "64 tokens"}, "max_new_tokens='64 tokens': expected a whole number"),
+                         ({"until": [None]}, "until=\\[None\\]: expected a string or a list"),
+                         ({"temperature": "hot"}, "temperature='hot': expected a number"),
+                         ({"temperature": float("nan")}, "temperature=nan")):
+        with pytest.raises(ConfigError, match=f"task t: generation_kwargs.{text}"):
+            _generation_settings(kwargs, "t", 16)
     # PIL frames are held to the reader's limits as a frame folder's are: only the sampled ones are read
     from PIL import Image
 

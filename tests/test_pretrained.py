@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from storm_lightning.downsamplers import PixelShuffleDownsampler
-from storm_lightning.errors import ConfigError
+from storm_lightning.errors import ConfigError, UserError
 from storm_lightning.vision import SiglipVisionBackbone
 from tests.conftest import FAST, storm_fit
 
@@ -196,7 +196,8 @@ def test_sharded_load_on_one_device_reads_what_from_pretrained_reads(tmp_path, c
             llm = HFCausalLM(pretrained_path=str(tmp_path / folder), sharded_load=True)
         assert llm.weights_pending is None and reason in caplog.text and "every rank reads all of it" in caplog.text
     assert all(torch.equal(llm.state_dict()[k], v) for k, v in eager.llm.state_dict().items() if "norm" not in k)
-    with caplog.at_level("WARNING", logger="storm_lightning.llm"), pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+    with caplog.at_level("WARNING", logger="storm_lightning.llm"), pytest.raises(
+            UserError, match=r"^model.llm.init_args.pretrained_path: .*shape does not load \(RuntimeError: "):
         HFCausalLM(pretrained_path=str(tmp_path / "shape"), sharded_load=True)  # transformers: a size mismatch
     assert "is (8, 32) in the checkpoint, (16, 32) in the model" in caplog.text
 

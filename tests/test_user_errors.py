@@ -32,21 +32,48 @@ def test_chat_with_a_checkpoint_of_another_model(tmp_path):
     assert "other.ckpt does not fit the model of conf/sft.yaml" in line
 
 
-def test_export_naming_a_class_that_is_not_a_component(tmp_path):
+def test_a_config_naming_classes_outside_storm_lightning_imports_nothing(tmp_path):
+    """An export's config.json or a run's config.yaml (both may come from anyone) name storm_lightning's
+    classes only, unless the user trusts more modules; an export's tokenizer is inside it."""
+    import shutil
+
+    import yaml
+
     from storm_lightning.inference import load_config
 
     model = load_config(str(ROOT / "conf/sft.yaml"))["model"]
     model["projector"] = {"class_path": "collections.OrderedDict"}
-    model["tokenizer_path"] = TOKENIZER
+    model["tokenizer_path"] = "tokenizer"
     (tmp_path / "export").mkdir()
+    shutil.copytree(TOKENIZER, tmp_path / "export/tokenizer")
     (tmp_path / "export/config.json").write_text(json.dumps({"format": "storm-lightning", "model": model}))
     line = one_line(run("storm_lightning.cli:chat_main", "--checkpoint", tmp_path / "export", "--prompt", "hi"),
                     "storm-chat")
-    assert "config.json: names classes that are not storm_lightning components" in line
+    assert "config.json: names classes outside storm_lightning: ['collections.OrderedDict']" in line
+    model["tokenizer_path"] = "../tokenizer"
+    (tmp_path / "export/config.json").write_text(json.dumps({"format": "storm-lightning", "model": model}))
+    line = one_line(run("storm_lightning.cli:chat_main", "--checkpoint", tmp_path / "export", "--prompt", "hi"),
+                    "storm-chat")
+    assert "model.tokenizer_path must be a folder inside the export directory, got '../tokenizer'" in line
+
+    config = yaml.safe_load((ROOT / "conf/sft.yaml").read_text())  # a downloaded run: config.yaml + a .ckpt
+    config["model"]["compressors"] = [{"class_path": "this.Foo"}]  # importing `this` prints the Zen of Python
+    (tmp_path / "run/checkpoints").mkdir(parents=True)
+    (tmp_path / "run/config.yaml").write_text(yaml.safe_dump(config))
+    torch.save({"state_dict": {}}, tmp_path / "run/checkpoints/last.ckpt")
+    for command in ("chat_main", "export_main"):
+        args = ["--prompt", "hi"] if command == "chat_main" else ["--out", tmp_path / "out"]
+        result = run(f"storm_lightning.cli:{command}", "--checkpoint", tmp_path / "run/checkpoints/last.ckpt", *args)
+        assert "Beautiful is better than ugly" not in result.stdout + result.stderr
+        assert "names classes outside storm_lightning: ['this.Foo'] (to load your own components, name their " \
+               "modules in STORM_TRUSTED_MODULES" in one_line(result, "storm-" + command.replace("_main", ""))
 
 
 @pytest.mark.parametrize("args, message", [(["--frames", "0"], "--frames must all be >= 1"),
-                                           (["--config", "nope.yaml"], "no such file 'nope.yaml'")])
+                                           (["--config", "nope.yaml"], "no such file 'nope.yaml'"),
+                                           (["--frames", "100000"], "--frames must all be <= 1024"),  # 4.9 GB
+                                           (["--device", "tpu"], "--device='tpu': not a torch device"),
+                                           (["--out", "conf"], "--out conf: is a folder")])
 def test_profile_arguments(args, message):
     assert message in one_line(run("storm_lightning.profile:main", *args), "storm-profile")
 

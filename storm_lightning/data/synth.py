@@ -243,6 +243,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shards(out: Path, prefix: str, samples, count: int, per_shard: int) -> list[str]:
     texts: list[str] = []
+    for stale in out.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):  # a previous synth's: brace patterns
+        stale.unlink()  # such as {000000..000003} would read them beside these
     for shard in range(-(-count // per_shard)):
         path = out / f"{prefix}-{shard:06d}.tar"
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
