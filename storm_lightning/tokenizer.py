@@ -13,7 +13,11 @@ sample's visual tokens. Every tokenizer, the bundled one or a real LLM's local d
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import functools
+import signal
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from storm_lightning.errors import MissingPathError
@@ -46,8 +50,49 @@ def max_chars_for(tokenizer, max_length: int) -> int:
     """Characters of one turn worth tokenizing when at most ``max_length`` tokens are kept: no token
     is longer than the longest in the vocabulary, so text beyond ``max_length`` times that length lies
     past the cut anyway. Capping first keeps a 200 MB turn from being tokenized whole."""
-    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
-    return max_length * max(1, longest) + 1024
+    return max_length * _longest_token(tokenizer) + 1024
+
+
+@functools.lru_cache(maxsize=8)  # a tokenizer is hashed by identity; its vocabulary is read once
+def _longest_token(tokenizer) -> int:
+    return max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+
+
+# a chat template is code from the tokenizer's folder: jinja's sandbox bounds what it may touch, not how
+# long it runs (nested loops), so every rendering of one conversation gets this many seconds
+TEMPLATE_SECONDS = 10.0
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise ValueError in the block after ``seconds`` (SIGALRM: the main thread of a process only, which
+    is where samples are encoded: data workers, storm-shards' workers, storm-chat; elsewhere unbounded)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise ValueError(f"the tokenizer's chat template ran for more than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _within(messages: list[dict], max_chars: int) -> list[dict]:
+    """The first messages, up to the one that passes ``max_chars`` characters: no token is longer than
+    the vocabulary's longest, so what follows lies past ``max_length`` tokens. (A template renders
+    every prefix with an assistant turn: 2,000 exchanges took 34 s where the cut needs a few.)"""
+    total = 0
+    for i, m in enumerate(messages):
+        total += len(m["content"])
+        if total > max_chars:
+            return messages[: i + 1]
+    return messages
 
 
 def media_token_ids(tokenizer) -> tuple[int, int]:
@@ -78,8 +123,10 @@ def encode_conversation(tokenizer, conversations: list[dict], max_length: int,
     messages = _messages(conversations, system_prompt)
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("conversation has no assistant turn")
+    messages = _within(messages, max_chars_for(tokenizer, max_length))
     if tokenizer.chat_template is not None:
-        ids, labels = _encode_with_template(tokenizer, messages)
+        with _time_limit(TEMPLATE_SECONDS):
+            ids, labels = _encode_with_template(tokenizer, messages)
         return ids[:max_length], labels[:max_length]
     ids: list[int] = []
     labels: list[int] = []
@@ -126,7 +173,8 @@ def encode_prompt(tokenizer, conversations: list[dict], system_prompt: str | Non
     """Token ids of a conversation followed by the assistant header: what generation starts from."""
     messages = _messages(conversations, system_prompt)
     if tokenizer.chat_template is not None:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        with _time_limit(TEMPLATE_SECONDS):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     else:
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages) + f"{IM_START}assistant\n"
     return tokenizer.encode(text, add_special_tokens=False)

@@ -84,3 +84,35 @@ def test_a_template_that_reaches_for_the_os_is_refused_at_build(tmp_path, llama3
     with pytest.raises(ConfigError, match="its chat template cannot be used"):  # (the model and data check it)
         check_chat_format(load_tokenizer(str(tmp_path / "evil")), "data.tokenizer_path")
     assert not marker.exists()
+
+
+def test_a_template_that_runs_forever_is_stopped_at_build_and_in_a_sample(llama3_tokenizer, monkeypatch):
+    """jinja's sandbox bounds a loop's length, not nested loops: 10^10 steps hung storm-fit at build."""
+    from storm_lightning import tokenizer as tokenizer_module
+    from storm_lightning.errors import ConfigError
+    from storm_lightning.tokenizer import check_chat_format
+
+    monkeypatch.setattr(tokenizer_module, "TEMPLATE_SECONDS", 0.5)
+    llama3_tokenizer.chat_template = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                                      "{% endfor %}" + LLAMA3)
+    with pytest.raises(ConfigError, match="chat template ran for more than 0.5 s"):
+        check_chat_format(llama3_tokenizer, "data.tokenizer_path")
+    with pytest.raises(ValueError, match="ran for more than 0.5 s"):  # a sample: skipped and counted
+        encode_prompt(llama3_tokenizer, TURNS[:1])
+
+
+def test_a_conversation_of_thousands_of_turns_renders_only_what_fits(llama3_tokenizer, monkeypatch):
+    """Every assistant turn renders its prefix: 2,000 exchanges took 34 s. Turns past max_length tokens
+    are not rendered, and the tokens kept are those of the whole conversation."""
+    from storm_lightning.tokenizer import _encode_with_template, _messages
+
+    turns = [{"from": "human" if i % 2 == 0 else "gpt", "value": f"turn {i} " * 3} for i in range(4000)]
+    rendered = []
+    render = type(llama3_tokenizer).apply_chat_template
+    monkeypatch.setattr(type(llama3_tokenizer), "apply_chat_template",
+                        lambda self, messages, **kw: rendered.append(len(messages)) or render(self, messages, **kw))
+    ids, labels = encode_conversation(llama3_tokenizer, turns, 64)
+    assert len(rendered) < 200 and max(rendered) < 200  # 4,001 renders of up to 4,000 turns before
+    monkeypatch.undo()
+    whole_ids, whole_labels = _encode_with_template(llama3_tokenizer, _messages(turns[:200], None))
+    assert (ids, labels) == (whole_ids[:64], whole_labels[:64])
