@@ -8,12 +8,14 @@ import os
 import signal
 import sys
 
+from jsonargparse import get_loader, set_loader
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from storm_lightning.checkpoint import AtomicCheckpointIO
+from storm_lightning.config_yaml import bounded
 from storm_lightning.data import StormDataModule
 from storm_lightning.errors import ConfigError, one_line_errors
 from storm_lightning.host_memory import keep_freed_memory
@@ -104,6 +106,7 @@ def fit_main(args: list[str] | None = None) -> None:
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _terminate)  # Lightning adds its own handler in front of it
+    set_loader("yaml", bounded(get_loader("yaml")))  # aliases of aliases: refused, not expanded 10^10 times
     try:
         with one_line_errors("storm-fit"), lightning_errors():
             StormCLI(StormModel, StormDataModule, parser_class=StormArgumentParser, auto_configure_optimizers=False,

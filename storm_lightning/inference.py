@@ -15,6 +15,7 @@ import yaml
 
 from storm_lightning.compressors import Compressor
 from storm_lightning.checkpoint import load_checkpoint_file
+from storm_lightning.config_yaml import expanded_size
 from storm_lightning.errors import ConfigError, MissingPathError, UserError
 from storm_lightning.lora import merge
 from storm_lightning.model import StormModel
@@ -54,6 +55,7 @@ def load_config(config: str, need_model: bool = True) -> dict:
             full = yaml.safe_load(f)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exn:
         raise UserError(f"--config {config}: not a readable YAML file ({' '.join(str(exn).split())[:200]})") from None
+    expanded_size(full, f"--config {config}")
     if not isinstance(full, dict) or (need_model and not isinstance(full.get("model"), dict)):
         wanted = "a 'model' section" if need_model else "a 'data' section"
         raise UserError(f"--config {config}: not a storm-fit config (expected a mapping with {wanted})")

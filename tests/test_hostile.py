@@ -349,3 +349,23 @@ def test_pickled_or_other_component_weights_are_one_line_and_run_nothing(tmp_pat
     torch.save({"state_dict": {"pos_embed": torch.zeros(3)}}, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match=r"^model.vision.init_args.checkpoint_path: .*other.pt does not fit"):
         TimmViTBackbone(checkpoint_path=str(tmp_path / "other.pt"), **timm_args)
+
+
+def test_a_config_whose_aliases_multiply_is_refused_before_it_expands(tmp_path):
+    """591 bytes of ten levels of ten aliases: 2.4 GB in 33 s, then out of memory (storm-chat, storm-fit)."""
+    from storm_lightning.inference import load_config
+    from tests.conftest import storm_fit
+
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    (tmp_path / "laughs.yaml").write_text("\n".join(levels) + "\nmodel: {vision: *a9}\n")
+    (tmp_path / "loop.yaml").write_text("model: &m {vision: *m}\n")
+    (tmp_path / "shared.yaml").write_text("common: &c {x: 1}\nmodel: {a: *c, b: *c}\n")  # anchors as meant
+    with pytest.raises(UserError, match="laughs.yaml: expands to more than 1000000 values"):
+        load_config(str(tmp_path / "laughs.yaml"))
+    with pytest.raises(UserError, match="loop.yaml: a YAML alias refers to a node that contains it"):
+        load_config(str(tmp_path / "loop.yaml"))
+    assert load_config(str(tmp_path / "shared.yaml"))["model"] == {"a": {"x": 1}, "b": {"x": 1}}
+    proc = storm_fit("--config", "conf/sft.yaml", "--config", str(tmp_path / "laughs.yaml"), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "storm-fit: error: a YAML config: expands to more than 1000000 values (YAML aliases of aliases)")
