@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -68,8 +69,23 @@ def shards_main(args: list[str] | None = None) -> None:
     chk.add_argument("--frames", type=FRAMES, default=32, help="frames sampled from each video")
     chk.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     opts = parser.parse_args(args)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, _stop_shards)
     with one_line_errors("storm-shards"):
         _shards(opts)
+
+
+def _stop_shards(signum: int, frame) -> None:
+    """SIGTERM / Ctrl-C: stop the worker processes too (they are the forkserver's children: left alone
+    they ran on, writing shards into --out after the command had exited), then exit at once, not after
+    the pool has finished its running shards. Shards are written to a temporary name first: none is cut."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.terminate()
+    sys.stderr.write(f"storm-shards: stopped by {signal.Signals(signum).name}\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def _shards(opts: argparse.Namespace) -> None:

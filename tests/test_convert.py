@@ -283,3 +283,34 @@ def test_real_style_annotations_convert_check_and_train(formats, tmp_path, run_d
     (run_dir / "mine.yaml").write_text(f"data:\n  train_sources:\n{sources}\n  val_sources: []\n  batch_size: 2\n")
     storm_fit("--config", "conf/sft.yaml", "--config", "mine.yaml", *FAST, "--trainer.max_steps=3")
     assert (run_dir / "runs/sft/checkpoints/last.ckpt").is_file()
+
+
+def test_sigterm_stops_the_worker_processes_too(tmp_path):
+    """Left alone, convert's workers (children of the multiprocessing forkserver) ran on after SIGTERM,
+    holding 550 MB each and writing shards into --out after the command had exited."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    video_file(tmp_path / "v.mp4")
+    records = [{"video": "v.mp4", "conversations": turn(f"<video>\nWhat {i}?", "ok")} for i in range(3000)]
+    (tmp_path / "many.json").write_text(json.dumps(records))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", "from storm_lightning.cli import shards_main; shards_main()",
+                             "convert", "--annotations", str(tmp_path / "many.json"), "--media-root", str(tmp_path),
+                             "--out", str(out), "--frames", "8", "--size", "32", "--samples-per-shard", "50",
+                             "--workers", "2"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*.tar")) and time.monotonic() < deadline:  # the workers are writing
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-f", "multiprocessing.forkserver"], capture_output=True, text=True).stdout.split()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert "storm-shards: stopped by SIGTERM" in proc.stderr.read()
+    time.sleep(2)
+    alive = subprocess.run(["pgrep", "-f", "multiprocessing.forkserver"], capture_output=True, text=True).stdout.split()
+    assert workers and not set(workers) & set(alive)
+    written = sorted(out.iterdir())
+    time.sleep(2)
+    assert sorted(out.iterdir()) == written  # nothing is written after the command has stopped
