@@ -121,12 +121,16 @@ class SourceReader:
     def state(self) -> dict:
         return {"epoch": self.epoch, "shard_pos": self.shard_pos, "offset": self.offset, "ordinal": self.ordinal,
                 "draining": self.draining, "good": self.good, "rng": self.rng.getstate(),
-                "buffer": [(pos, raw.offset) for pos, raw in self.buffer], "shards": self.fingerprint}
+                "buffer": [(pos, raw.offset) for pos, raw in self.buffer], "shards": self.fingerprint,
+                "index": self.index}
 
     def restore_fresh(self) -> None:
         self.__init__(self.shards, self.seed, self.index, self.reader, self.readers, self.infinite, self.shuffle_buffer)
 
     def restore(self, state: dict) -> None:
+        # the shard order and shuffle were seeded with the source's place in the list it had then: keep
+        # that seed, or a source moved in the list would resume in another shard (duplicates and losses)
+        self.index = state.get("index", self.index)
         self.epoch, self.shard_pos, self.offset = state["epoch"], state["shard_pos"], state["offset"]
         self.ordinal, self.draining, self.good = state["ordinal"], state["draining"], state["good"]
         self.rng.setstate(_tuples(state["rng"]))
