@@ -14,7 +14,8 @@ category and per duration group, and writes every prediction.
                    annotation file's name: MVBench ships one file per task)
 ``mlvu``           MLVU: ``video_name`` (or ``video``), ``question`` with its options inside (``(A) ...``
                    lines), ``answer`` a letter, ``task_type`` (or ``question_type``); or ``candidates`` with
-                   ``answer`` the right candidate's text (its dev set)
+                   ``answer`` the right candidate's text (its dev set). Its ``duration`` is the video's length
+                   in seconds (467.98), not a group: not used (MLVU reports by task)
 ``longvideobench`` LongVideoBench: ``video_path``, ``question``, ``option0`` .. ``option4`` (``"N/A"`` when
                    absent), ``correct_choice`` an index, ``duration_group``, ``question_category``
 =================  ===========================================================================================
@@ -106,7 +107,7 @@ def mlvu(record: dict):
     if "candidates" in record:  # the dev set
         candidates = record["candidates"]
         return _mc(_text(record, "question"), candidates, _candidate(record.get("answer"), candidates), video,
-                   category, record.get("duration"), rid=record.get("question_id"))
+                   category, rid=record.get("question_id"))
     lines = _text(record, "question").splitlines()
     options, question = [], []
     for line in lines:
@@ -118,7 +119,7 @@ def mlvu(record: dict):
     if len(options) < 2:
         raise BadRecord("bad_options", "no lettered options in the question")
     return _mc("\n".join(question).strip(), options, answer_index(record.get("answer"), options), video, category,
-               record.get("duration"), rid=record.get("question_id"))
+               rid=record.get("question_id"))
 
 
 def longvideobench(record: dict):
