@@ -67,11 +67,13 @@ def test_an_export_is_built_from_its_own_components_and_weights_only(tmp_path, m
     from storm_lightning.inference import from_pretrained, load_config
 
     model = load_config(str(SHARDS.parent / "conf/sft.yaml"))["model"]
+    import shutil
+
     export = tmp_path / "export"
-    export.mkdir()
-    for bad, message in (({"projector": {"class_path": "this.Foo"}}, "not storm_lightning components"),
+    shutil.copytree(TOKENIZER, export / "tokenizer")
+    for bad, message in (({"projector": {"class_path": "this.Foo"}}, "names classes outside storm_lightning"),
                          ({}, "missing, or not a regular file")):
-        (export / "config.json").write_text(json.dumps({"model": {**model, **bad, "tokenizer_path": TOKENIZER,
+        (export / "config.json").write_text(json.dumps({"model": {**model, **bad, "tokenizer_path": "tokenizer",
                                                                   "init_from": str(tmp_path / "evil.ckpt")}}))
         torch.save({"evil": WritesAFile(str(marker))}, tmp_path / "evil.ckpt")  # ignored: an export's own weights
         with pytest.raises((ConfigError, UserError), match=message):
@@ -405,3 +407,45 @@ def test_resuming_with_the_sources_reordered_continues_each_source_where_it_was(
     for name in ("a", "b"):  # each source goes on with its own next samples (the mix itself may differ)
         n = min(len(again[name]), len(expected[name]))
         assert n > 5 and again[name][:n] == expected[name][:n]
+
+
+def test_a_medium_in_a_format_storm_does_not_read_is_a_bad_sample_not_a_text_one(tmp_path):
+    """TGIF-QA's .gif (or a .jpeg.gz) beside a record without a placeholder trained as a text question
+    about a picture the model never saw; storm-shards check passed it."""
+    from storm_lightning.data import ShardSource
+    from storm_lightning.data.convert import CheckSettings, check
+    from storm_lightning.data.records import BadRecord
+    from storm_lightning.data.samples import SampleProcessor
+    from storm_lightning.data.shards import read_shard
+
+    shard = write_tar(tmp_path / "m-000000.tar", {"gif": {"json": conv("What moves?", "A cat."), "gif": b"GIF89a"},
+                                                  "gz": {"json": conv("What is it?", "A dog."), "jpeg.gz": b"x"},
+                                                  "txt": {"json": conv("Hi", "Hello."), "txt": b"a caption"},
+                                                  "png": {"json": conv(), "png": png()}})
+    processor, source = SampleProcessor(TOKENIZER, 64, 512), ShardSource("m", shard)
+    outcome = {}
+    for raw in read_shard(shard):
+        try:
+            processor(raw, source)
+            outcome[raw.key] = "ok"
+        except BadRecord as bad:
+            outcome[raw.key] = bad.kind
+    assert outcome == {"gif": "unsupported_media", "gz": "unsupported_media", "txt": "ok", "png": "ok"}
+    report, = check([shard], CheckSettings(tokenizer_path=TOKENIZER, image_size=64), workers=1)
+    assert sorted(b["key"] for b in report["bad"]) == ["gif", "gz"]
+
+
+def test_a_multiple_choice_record_that_contradicts_itself_is_bad():
+    """A reply "A" with answer 2 (training teaches A, evaluation scores C) passed check."""
+    from storm_lightning.data.records import BadRecord, multiple_choice_prompt, validate_record
+
+    def record(reply, options=("red", "green", "blue"), answer=2):
+        turns = [{"from": "human", "value": multiple_choice_prompt("Which colour?", list(options))},
+                 {"from": "gpt", "value": reply}]
+        return {"conversations": turns, "options": list(options), "answer": answer}
+
+    for reply in ("C", "C.", "(C) blue", "C: blue", "The answer is C.", "A blue one."):
+        assert validate_record(record(reply), has_media=False).answer == 2
+    for reply in ("A", "B.", "(A) red", " A"):
+        with pytest.raises(BadRecord, match="answer_mismatch"):
+            validate_record(record(reply), has_media=False)

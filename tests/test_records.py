@@ -74,6 +74,7 @@ def test_check_reports_exactly_what_training_skips(shard, caplog):
 
 def test_a_letter_answer_becomes_its_index():
     meta = json.loads(mc("(C)"))
+    meta["conversations"][1]["value"] = "C"  # (the reply "B" would contradict it: answer_mismatch)
     assert validate_record(meta, has_media=True).answer == 2
 
 

@@ -15,6 +15,7 @@ lists it in its report. Nothing about a record is checked later, where it could 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from storm_lightning.tokenizer import IMAGE_TOKEN, OPTION_LETTERS, ROLES, VIDEO_TOKEN
@@ -87,6 +88,19 @@ def _seconds(meta: dict, key: str) -> float | None:
     return float(value)
 
 
+# "B", "B.", "(B) ...", "B: ..." (not "A cat.": an article)
+_LEADING_LETTER = re.compile(r"\s*\(?([A-Z])(?:\s*$|[.):])")
+
+
+def _check_choice(turns: list[dict], options: list[str], answer: int) -> None:
+    """A reply that opens with an option letter opens with the answer's: training would teach the reply,
+    evaluation score the answer."""
+    reply = next(t["value"] for t in reversed(turns) if ROLES[t["from"]] == "assistant")
+    said = _LEADING_LETTER.match(reply)
+    if said and said.group(1) in OPTION_LETTERS[:len(options)] and said.group(1) != OPTION_LETTERS[answer]:
+        raise BadRecord("answer_mismatch", f"answer {OPTION_LETTERS[answer]}, the reply says {reply.strip()[:40]!r}")
+
+
 def validate_record(meta: dict, has_media: bool, max_chars: int | None = None) -> Record:
     """Check a record (see the module docstring) against whether its sample has a media entry."""
     conversations = meta.get("conversations")
@@ -121,6 +135,7 @@ def validate_record(meta: dict, has_media: bool, max_chars: int | None = None) -
         if answer is None:
             raise BadRecord("bad_answer", "options without an answer")
         answer = answer_index(answer, options)
+        _check_choice(turns, options, answer)
     elif answer is not None:
         raise BadRecord("bad_answer", "an answer without options")
     category, duration = meta.get("category"), meta.get("duration")

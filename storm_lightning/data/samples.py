@@ -92,6 +92,10 @@ class _LazyFrames(Sequence):
         return entry_bytes(self.entries[i])
 
 
+# what a text-only sample may hold besides its json: img2dataset-style captions and labels
+TEXT_SIDE_ENTRIES = ("txt", "cls")
+
+
 @dataclass
 class SampleProcessor:
     """Raw shard samples -> ``Sample``. ``frames_per_clip``, when set, replaces every source's (evaluation
@@ -127,6 +131,10 @@ class SampleProcessor:
         kinds = bool(images) + bool(videos) + bool(frames)
         if kinds > 1 or len(images) > 1 or len(videos) > 1:
             raise BadRecord("several_media", f"entries {sorted(raw.entries)}: one medium per sample")
+        others = sorted(set(raw.entries) - {"json", *TEXT_SIDE_ENTRIES})
+        if not kinds and others:  # a .gif, a .jpeg.gz: a question about a picture the model would never see
+            raise BadRecord("unsupported_media", f"entries {others}: media are {', '.join(IMAGE_EXTS + VIDEO_EXTS)} "
+                                                 "or a frame folder")
         record = validate_record(meta, has_media=kinds == 1, max_chars=self._max_chars)
 
         pixel_values, indices, timestamps, clip_frames, placeholder = None, [], [], 0, VIDEO_TOKEN
