@@ -31,6 +31,10 @@ from storm_lightning.errors import MissingPathError, UnsafeFileError, UserError,
 
 T = TypeVar("T")
 
+# every checkpoint storm-fit writes holds the text of the config that trained it under this key: a later
+# run writing its config.yaml into the same folder cannot change what the checkpoint is read as
+RUN_CONFIG = "storm_run_config"
+
 log = logging.getLogger(__name__)
 
 

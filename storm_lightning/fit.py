@@ -7,14 +7,16 @@ import contextlib
 import os
 import signal
 import sys
+from pathlib import Path
 
 from jsonargparse import get_loader, set_loader
+from lightning.pytorch import Callback
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from storm_lightning.checkpoint import AtomicCheckpointIO
+from storm_lightning.checkpoint import RUN_CONFIG, AtomicCheckpointIO
 from storm_lightning.config_yaml import bounded
 from storm_lightning.data import StormDataModule
 from storm_lightning.errors import ConfigError, one_line_errors
@@ -56,12 +58,31 @@ class StormCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":
+            trainer.callbacks.append(EmbedRunConfig())
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make saves atomic
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if isinstance(trainer.accelerator, CPUAccelerator) and keep_freed_memory():  # see host_memory
             rank_zero_info("Host memory: freed blocks are kept for reuse, not returned to the OS "
                            "(faster CPU steps; STORM_KEEP_FREED_MEMORY=0 turns this off)")
         return trainer
+
+
+class EmbedRunConfig(Callback):
+    """Puts the text of the run's config.yaml (written by Lightning's SaveConfigCallback at setup) into
+    every checkpoint (``checkpoint.RUN_CONFIG``): storm-chat, storm-export and the lmms-eval adapter read
+    a checkpoint with the config that trained it, even after another run has rewritten config.yaml."""
+
+    def __init__(self) -> None:
+        self.text: str | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        path = Path(trainer.log_dir or trainer.default_root_dir) / config_filename("fit")
+        self.text = path.read_text(encoding="utf-8") if path.is_file() else None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.text is not None:
+            checkpoint[RUN_CONFIG] = self.text
 
 
 class Terminated(BaseException):

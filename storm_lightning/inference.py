@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from storm_lightning.compressors import Compressor
-from storm_lightning.checkpoint import load_checkpoint_file
+from storm_lightning.checkpoint import RUN_CONFIG, load_checkpoint_file
 from storm_lightning.config_yaml import expanded_size
 from storm_lightning.errors import ConfigError, MissingPathError, UserError
 from storm_lightning.lora import merge
@@ -44,15 +44,17 @@ def usable_device(name: str | None, key: str) -> torch.device:
     return device
 
 
-def load_config(config: str, need_model: bool = True) -> dict:
-    """The ``model`` and ``data`` sections of a storm-fit config (other sections are ignored). A file that
-    is not one (unreadable, not YAML, not a mapping, no model section when ``need_model``) is a one-line
-    UserError."""
-    if not Path(config).is_file():
+def load_config(config: str, need_model: bool = True, text: str | None = None) -> dict:
+    """The ``model`` and ``data`` sections of a storm-fit config (other sections are ignored): the file
+    ``config``, or ``text`` (a checkpoint's own config; ``config`` then names it). A file that is not one
+    (unreadable, not YAML, not a mapping, no model section when ``need_model``) is a one-line UserError."""
+    if text is None and not Path(config).is_file():
         raise MissingPathError(f"--config: no such file '{config}'")
     try:
-        with open(config, encoding="utf-8") as f:
-            full = yaml.safe_load(f)
+        if text is None:
+            with open(config, encoding="utf-8") as f:
+                text = f.read()
+        full = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exn:
         raise UserError(f"--config {config}: not a readable YAML file ({' '.join(str(exn).split())[:200]})") from None
     expanded_size(full, f"--config {config}")
@@ -65,9 +67,9 @@ def load_config(config: str, need_model: bool = True) -> dict:
     return {"model": full.get("model"), "data": data}
 
 
-def model_config(config: str) -> tuple[dict, dict]:
+def model_config(config: str, text: str | None = None) -> tuple[dict, dict]:
     """(the model section ready to build: no init_from, the data's tokenizer; the data section)."""
-    sections = load_config(config)
+    sections = load_config(config, text=text)
     model_cfg = dict(sections["model"])
     model_cfg["init_from"] = None  # weights come from the checkpoint being loaded, not the previous stage
     for key in ("tokenizer_path", "system_prompt"):  # linked from the data section by storm-fit
@@ -106,10 +108,11 @@ def instantiate(model_cfg: dict, compressors: list[Compressor] | None = None, so
     return model
 
 
-def build_model(config: str, compressors: list[Compressor] | None = None) -> tuple[StormModel, dict]:
+def build_model(config: str, compressors: list[Compressor] | None = None,
+                text: str | None = None) -> tuple[StormModel, dict]:
     """A StormModel from a storm-fit config (random weights, or its components' pretrained ones), and the
     config's data section."""
-    model_cfg, data = model_config(config)
+    model_cfg, data = model_config(config, text)
     model = instantiate(model_cfg, compressors, source=config)
     model.llm.load_pending_weights()  # sharded_load (conf/fsdp.yaml): one process reads them whole
     return model, data
@@ -120,11 +123,23 @@ def load_model(checkpoint: str, config: str | None = None, compressors: list[Com
     ``checkpoint`` is a storm-fit ``.ckpt`` or a ``storm-export`` directory."""
     if Path(checkpoint).is_dir() and (Path(checkpoint) / EXPORT_CONFIG).is_file():
         return from_pretrained(checkpoint, compressors), {}
+    model, data, _, _ = _load_checkpoint(checkpoint, config, compressors)
+    return model, data
+
+
+def _load_checkpoint(checkpoint: str, config: str | None, compressors: list[Compressor] | None):
+    """(model in eval mode, data section, the config's name, its text when it is the checkpoint's own).
+    Without ``config``, the config the checkpoint was trained with: the copy storm-fit puts in every
+    checkpoint (``RUN_CONFIG``), else the run's config.yaml (checkpoints written before that copy)."""
     state = load_checkpoint_file(checkpoint, "--checkpoint")
-    config = str(config or find_config(checkpoint))
-    model, data = build_model(config, compressors)
+    text = state.get(RUN_CONFIG) if config is None else None
+    if isinstance(text, str):
+        config = f"{checkpoint} (its training config)"
+    else:
+        text, config = None, str(config or find_config(checkpoint))
+    model, data = build_model(config, compressors, text)
     _load_weights(model, state.get("state_dict", state), f"{checkpoint} does not fit the model of {config}")
-    return model.eval(), data
+    return model.eval(), data, config, text
 
 
 def _load_weights(model: StormModel, state: dict, what: str) -> None:
@@ -157,9 +172,8 @@ def export(checkpoint: str, out_dir: str, config: str | None = None) -> Path:
 
     from safetensors.torch import save_model
 
-    config = str(config or find_config(checkpoint))
-    model, _ = load_model(checkpoint, config)
-    model_cfg, _ = model_config(config)
+    model, _, config, text = _load_checkpoint(checkpoint, config, None)
+    model_cfg, _ = model_config(config, text)
     for component, key in ((model.llm, "lora_llm"), (model.vision, "lora_vision")):  # adapters into the weights
         component.model = merge(component.model)
         model_cfg[key] = None

@@ -449,3 +449,25 @@ def test_a_multiple_choice_record_that_contradicts_itself_is_bad():
     for reply in ("A", "B.", "(A) red", " A"):
         with pytest.raises(BadRecord, match="answer_mismatch"):
             validate_record(record(reply), has_media=False)
+
+
+def test_a_checkpoint_is_read_with_the_config_that_trained_it(run_dir):
+    """A fresh fit into the same run folder rewrote config.yaml at its start: exporting the old last.ckpt
+    then carried the new run's system prompt and compressors (no weights differ, nothing failed)."""
+    from storm_lightning.checkpoint import RUN_CONFIG
+    from storm_lightning.inference import export, from_pretrained, load_model
+    from tests.conftest import FAST, storm_fit
+
+    storm_fit("--config", "conf/sft.yaml", *FAST, "--data.system_prompt=You are terse.")
+    ckpt = run_dir / "runs/sft/checkpoints/last.ckpt"
+    assert "You are terse." in torch.load(ckpt, weights_only=True)[RUN_CONFIG]
+    config = run_dir / "runs/sft/config.yaml"  # what a second run's start writes
+    config.write_text(config.read_text().replace("You are terse.", "You are a pirate.").replace(
+        "compressors: []", "compressors: [{class_path: storm_lightning.compressors.TemporalAveragePool, "
+                           "init_args: {kernel_size: 2}}]"))
+    model, _ = load_model(str(ckpt))
+    assert model.hparams.system_prompt == "You are terse." and len(model.compressors) == 0
+    exported = from_pretrained(str(export(str(ckpt), str(run_dir / "export"))))
+    assert exported.hparams.system_prompt == "You are terse." and len(exported.compressors) == 0
+    model, _ = load_model(str(ckpt), config=str(config))  # a config given on purpose is used
+    assert model.hparams.system_prompt == "You are a pirate." and len(model.compressors) == 1
