@@ -51,14 +51,8 @@ def load_checkpoint_file(path: str | Path, what: str) -> dict:
                         "conf/fsdp.yaml, or make one file of it with storm-consolidate")
     if not path.is_file():
         raise MissingPathError(f"{what}: no such checkpoint file '{path}'")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exn:
-        first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
-        raise UnsafeFileError(f"{what}: {path} holds more than tensors and plain data, refused ({first})") from None
-    except (RuntimeError, OSError, EOFError, ValueError, MemoryError, RecursionError) as exn:
-        raise UserError(f"{what}: {path} is not a readable checkpoint ({type(exn).__name__}: "
-                        f"{' '.join(str(exn).split())[:200]})") from None
+    checkpoint = _weights_only(lambda: torch.load(path, map_location="cpu", weights_only=True), path, what,
+                               "is not a readable checkpoint")
     if not isinstance(checkpoint, dict):
         raise UserError(f"{what}: {path} holds a {type(checkpoint).__name__}, not a checkpoint")
     return checkpoint
@@ -68,14 +62,19 @@ def load_pretrained(load: Callable[[], T], path: str, key: str) -> T:
     """``load()`` (transformers' ``from_pretrained`` of the directory ``path``), with its failures as one
     line naming ``key``: a pickled ``pytorch_model.bin`` (transformers loads it weights-only and refuses
     it), weights of another shape, an unreadable file."""
+    return _weights_only(load, path, key, "does not load")
+
+
+def _weights_only(load: Callable[[], T], path, key: str, failure: str) -> T:
+    """``load()`` (a weights-only read), its failures as one line: a pickled object (UnsafeFileError),
+    anything else unreadable (UserError: ``{key}: {path} {failure} (...)``)."""
     try:
         return load()
     except pickle.UnpicklingError as exn:
         first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
         raise UnsafeFileError(f"{key}: {path} holds more than tensors and plain data, refused ({first})") from None
     except (RuntimeError, OSError, EOFError, ValueError, MemoryError, RecursionError) as exn:
-        raise UserError(f"{key}: {path} does not load ({type(exn).__name__}: "
-                        f"{' '.join(str(exn).split())[:300]})") from None
+        raise UserError(f"{key}: {path} {failure} ({type(exn).__name__}: {' '.join(str(exn).split())[:300]})") from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -304,13 +304,38 @@ def test_sigterm_stops_the_worker_processes_too(tmp_path):
     deadline = time.monotonic() + 120
     while not list(out.glob("*.tar")) and time.monotonic() < deadline:  # the workers are writing
         time.sleep(0.2)
-    workers = subprocess.run(["pgrep", "-f", "multiprocessing.forkserver"], capture_output=True, text=True).stdout.split()
+    workers = _descendants(proc.pid)  # the forkserver, its workers, the resource tracker
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert "storm-shards: stopped by SIGTERM" in proc.stderr.read()
     time.sleep(2)
-    alive = subprocess.run(["pgrep", "-f", "multiprocessing.forkserver"], capture_output=True, text=True).stdout.split()
-    assert workers and not set(workers) & set(alive)
+    assert len(workers) >= 3 and not [pid for pid in workers if _running(pid)]
     written = sorted(out.iterdir())
     time.sleep(2)
     assert sorted(out.iterdir()) == written  # nothing is written after the command has stopped
+
+
+def _descendants(pid: int) -> list[int]:
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found += children.get(todo[-1], [])
+        todo = todo[:-1] + children.get(todo[-1], [])
+    return found
+
+
+def _running(pid: int) -> bool:
+    from pathlib import Path
+
+    try:  # a zombie has stopped; only its exit status is left to collect
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

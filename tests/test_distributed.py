@@ -20,6 +20,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(worker, world: int, out_dir, hung: str) -> None:
+    """``worker(rank, world, port, out_dir)`` in ``world`` spawned processes; fails with ``hung`` after 240 s."""
+    context = mp.start_processes(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.time() + 240
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(hung)
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HF_HUB_OFFLINE="1")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -51,14 +63,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_fsdp2_step_with_a_text_only_rank_does_not_hang(tmp_path):
     world = 2
-    context = mp.start_processes(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False,
-                                 start_method="spawn")
-    deadline = time.time() + 240
-    while not context.join(timeout=5):
-        if time.time() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("FSDP2 step with a text-only rank hung (collectives out of step)")
+    run_ranks(_worker, world, tmp_path, "FSDP2 step with a text-only rank hung (collectives out of step)")
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert results[0]["digest"] == results[1]["digest"]  # one model: same full weights on both ranks
     assert all(r["vision_grad_seen"] for r in results)  # the text-only rank's vision shards got (zero) grads
@@ -109,14 +114,7 @@ def test_sharded_load_reads_each_ranks_rows_of_a_pretrained_llm(tmp_path):
     qwen2.save_pretrained(tmp_path / "qwen2", max_shard_size="40KB")  # several files and an index
     assert (tmp_path / "qwen2/model.safetensors.index.json").is_file()
     world = 2
-    context = mp.start_processes(_sharded_load_worker, args=(world, free_port(), str(tmp_path)), nprocs=world,
-                                 join=False, start_method="spawn")
-    deadline = time.time() + 240
-    while not context.join(timeout=5):
-        if time.time() > deadline:
-            for p in context.processes:
-                p.kill()
-            pytest.fail("sharded loading hung")
+    run_ranks(_sharded_load_worker, world, tmp_path, "sharded loading hung")
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     # 620 rows (611 + media tokens), one half each; 63 MLP rows: 32 and 31 (torch.chunk's split)
     assert [r["rows"] for r in results] == [[310, 32], [310, 31]]

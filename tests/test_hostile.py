@@ -420,7 +420,8 @@ def test_a_medium_in_a_format_storm_does_not_read_is_a_bad_sample_not_a_text_one
 
     shard = write_tar(tmp_path / "m-000000.tar", {"gif": {"json": conv("What moves?", "A cat."), "gif": b"GIF89a"},
                                                   "gz": {"json": conv("What is it?", "A dog."), "jpeg.gz": b"x"},
-                                                  "txt": {"json": conv("Hi", "Hello."), "txt": b"a caption"},
+                                                  "txt": {"json": conv("Hi", "Hello."), "txt": b"a caption",
+                                                          "npy": b"features"},
                                                   "png": {"json": conv(), "png": png()}})
     processor, source = SampleProcessor(TOKENIZER, 64, 512), ShardSource("m", shard)
     outcome = {}

@@ -92,8 +92,11 @@ class _LazyFrames(Sequence):
         return entry_bytes(self.entries[i])
 
 
-# what a text-only sample may hold besides its json: img2dataset-style captions and labels
-TEXT_SIDE_ENTRIES = ("txt", "cls")
+# image and video formats, read or not: an entry in one of them (or compressed: jpeg.gz) is a medium,
+# so a sample holding one that storm cannot read is not a text sample (other entries, such as an
+# img2dataset caption .txt or precomputed .npy features, are the sample's own business)
+MEDIA_FORMATS = {*IMAGE_EXTS, *VIDEO_EXTS, "gif", "bmp", "tif", "tiff", "heic", "heif", "avif", "jp2", "ico",
+                 "mpg", "mpeg", "m4v", "flv", "wmv", "3gp", "ogv", "ts", "mts", "m2ts", "vob"}
 
 
 @dataclass
@@ -131,9 +134,9 @@ class SampleProcessor:
         kinds = bool(images) + bool(videos) + bool(frames)
         if kinds > 1 or len(images) > 1 or len(videos) > 1:
             raise BadRecord("several_media", f"entries {sorted(raw.entries)}: one medium per sample")
-        others = sorted(set(raw.entries) - {"json", *TEXT_SIDE_ENTRIES})
-        if not kinds and others:  # a .gif, a .jpeg.gz: a question about a picture the model would never see
-            raise BadRecord("unsupported_media", f"entries {others}: media are {', '.join(IMAGE_EXTS + VIDEO_EXTS)} "
+        unread = sorted(e for e in raw.entries if set(e.split(".")) & MEDIA_FORMATS)
+        if not kinds and unread:  # a .gif, a .jpeg.gz: a question about a picture the model would never see
+            raise BadRecord("unsupported_media", f"entries {unread}: media are {', '.join(IMAGE_EXTS + VIDEO_EXTS)} "
                                                  "or a frame folder")
         record = validate_record(meta, has_media=kinds == 1, max_chars=self._max_chars)
 
