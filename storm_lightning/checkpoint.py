@@ -68,12 +68,14 @@ def load_pretrained(load: Callable[[], T], path: str, key: str) -> T:
 def _weights_only(load: Callable[[], T], path, key: str, failure: str) -> T:
     """``load()`` (a weights-only read), its failures as one line: a pickled object (UnsafeFileError),
     anything else unreadable (UserError: ``{key}: {path} {failure} (...)``)."""
+    from safetensors import SafetensorError
+
     try:
         return load()
     except pickle.UnpicklingError as exn:
         first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
         raise UnsafeFileError(f"{key}: {path} holds more than tensors and plain data, refused ({first})") from None
-    except (RuntimeError, OSError, EOFError, ValueError, MemoryError, RecursionError) as exn:
+    except (RuntimeError, OSError, EOFError, ValueError, MemoryError, RecursionError, SafetensorError) as exn:
         raise UserError(f"{key}: {path} {failure} ({type(exn).__name__}: {' '.join(str(exn).split())[:300]})") from None
 
 

@@ -223,7 +223,7 @@ def _chat(opts: argparse.Namespace) -> None:
             print(f"[{len(pixels)} of {clip.total_frames} frames ({clip.timestamps[0]:.1f}-{clip.timestamps[-1]:.1f} s), "
                   f"{before} visual tokens -> {after} after compression]", file=sys.stderr)
         elif opts.image:
-            pixels = decode_image(Path(opts.image).read_bytes(), size)
+            pixels = decode_image(opts.image, size)
     except (VideoReadError, OSError, ValueError) as exn:  # not a video or image: the user's file, one line
         raise UserError(f"--{'video' if opts.video else 'image'} {media}: {' '.join(str(exn).split())}") from None
     generate(model, opts.prompt, pixels, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,

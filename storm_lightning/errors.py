@@ -16,6 +16,10 @@ class MissingPathError(ConfigError, FileNotFoundError):
     """A path in the config (shards, tokenizer, checkpoint, weights) that does not exist."""
 
 
+class DataError(UserError, RuntimeError):
+    """The data cannot feed a run (a source whose samples are mostly bad, a source with none usable)."""
+
+
 class UnsafeFileError(UserError, ValueError):
     """A file that would run code if it were loaded (a pickled object where only data belongs): refused
     before anything in it is executed."""
@@ -27,7 +31,15 @@ def one_line_errors(prog: str):
     try:
         yield
     except UserError as exn:
-        text = " ".join(line.strip() for line in str(exn).strip().splitlines())
+        lines = str(exn).strip().splitlines()
+        if "Original Traceback (most recent call last):" in lines:  # raised in a DataLoader worker: torch
+            lines = lines[-1:]  # re-raises it with the worker's traceback before the message, on its last line
+            lines[0] = lines[0].split(": ", 1)[-1]
+        text = " ".join(line.strip() for line in lines)
         kind = "config error" if isinstance(exn, ConfigError) else "error"
         sys.stderr.write(f"{prog}: {kind}: {text}\n")
+        sys.exit(2)
+    except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as exn:  # a path typed wrong
+        where = f": '{exn.filename}'" if exn.filename else ""
+        sys.stderr.write(f"{prog}: error: {exn.strerror or exn}{where}\n")
         sys.exit(2)

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from storm_lightning.checkpoint import RUN_CONFIG, AtomicCheckpointIO
 from storm_lightning.config_yaml import bounded
 from storm_lightning.data import StormDataModule
-from storm_lightning.errors import ConfigError, one_line_errors
+from storm_lightning.errors import ConfigError, DataError, one_line_errors
 from storm_lightning.host_memory import keep_freed_memory
 from storm_lightning.model import StormModel
 
@@ -55,6 +55,18 @@ class StormCLI(LightningCLI):
         # batching by token budget counts each clip's visual tokens as the model's compressors leave them
         parser.link_arguments("model", "data.visual_tokens", compute_fn=lambda model: model.visual_token_count,
                               apply_on="instantiate")
+
+    def after_validate(self) -> None:
+        self._require_results("validate", "val")
+
+    def after_test(self) -> None:
+        self._require_results("test", "test")
+
+    def _require_results(self, subcommand: str, stage: str) -> None:
+        """An evaluation in which no sample could be read is an error, not an exit 0 without figures."""
+        if f"{stage}/loss" not in self.trainer.callback_metrics:
+            raise DataError(f"storm-fit {subcommand}: no sample of data.val_sources was evaluated (each was "
+                            "skipped, or the sources are empty: see the warnings above)")
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

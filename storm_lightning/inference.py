@@ -89,7 +89,8 @@ def instantiate(model_cfg: dict, compressors: list[Compressor] | None = None, so
     # a class_path is imported before it is checked to be a component, and a run's config.yaml or an
     # export's config.json may come from anyone: only storm_lightning's (and modules the user trusts)
     trusted = ("storm_lightning.", *(f"{m.strip()}." for m in os.environ.get(TRUSTED_MODULES, "").split(",") if m.strip()))
-    foreign = sorted({v for v in _class_paths(model_cfg) if not v.startswith(trusted)})
+    named = [p for key, value in model_cfg.items() for p in _class_paths(value, component=key in COMPONENTS)]
+    foreign = sorted({v for v in named if not v.startswith(trusted)})
     if foreign:
         raise ConfigError(f"{source}: names classes outside storm_lightning: {foreign[:3]} (to load your own "
                           f"components, name their modules in {TRUSTED_MODULES}, comma-separated)")
@@ -127,12 +128,18 @@ def load_model(checkpoint: str, config: str | None = None, compressors: list[Com
     return model, data
 
 
+MAX_CONFIG_CHARS = 1_000_000
+
+
 def _load_checkpoint(checkpoint: str, config: str | None, compressors: list[Compressor] | None):
     """(model in eval mode, data section, the config's name, its text when it is the checkpoint's own).
     Without ``config``, the config the checkpoint was trained with: the copy storm-fit puts in every
     checkpoint (``RUN_CONFIG``), else the run's config.yaml (checkpoints written before that copy)."""
     state = load_checkpoint_file(checkpoint, "--checkpoint")
     text = state.get(RUN_CONFIG) if config is None else None
+    if isinstance(text, str) and len(text) > MAX_CONFIG_CHARS:  # storm-fit's are a few KB
+        raise UserError(f"{checkpoint}: its training config is {len(text)} characters, over {MAX_CONFIG_CHARS}: "
+                        "pass --config")
     if isinstance(text, str):
         config = f"{checkpoint} (its training config)"
     else:
@@ -239,12 +246,20 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
     return model.eval()
 
 
-def _class_paths(config) -> list[str]:
+# the model section's components: each a {class_path, init_args} or, as jsonargparse also takes, a bare
+# "module.Class" string (both are imported)
+COMPONENTS = ("vision", "downsampler", "projector", "llm", "compressors")
+
+
+def _class_paths(config, component: bool = False) -> list[str]:
+    """Every class a model config would make jsonargparse import."""
+    if isinstance(config, str):  # a bare class name (no module) names an already imported subclass
+        return [config] if component and "." in config else []
     if isinstance(config, dict):
         own = [config["class_path"]] if isinstance(config.get("class_path"), str) else []
-        return own + [p for v in config.values() for p in _class_paths(v)]
+        return own + [p for k, v in config.items() for p in _class_paths(v, component and k == "class_path")]
     if isinstance(config, list):
-        return [p for v in config for p in _class_paths(v)]
+        return [p for v in config for p in _class_paths(v, component)]
     return []
 
 

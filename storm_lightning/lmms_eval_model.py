@@ -250,7 +250,7 @@ class Storm(lmms):
                                    "their media: offline, point the task at local copies)")
         try:
             if os.path.isfile(path) and path.rpartition(".")[2].lower() in IMAGE_EXTS:
-                return decode_image(Path(path).read_bytes(), size)
+                return decode_image(path, size)
             return read_path(path, self.sampling, size, folder_fps=self.folder_fps).frames
         except (VideoReadError, OSError, ValueError) as exn:  # the user's file: one line
             raise UserError(f"{where}: cannot read '{path}': {' '.join(str(exn).split())}") from None

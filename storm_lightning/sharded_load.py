@@ -77,21 +77,14 @@ def stored_dtype(header: dict[str, Stored]) -> torch.dtype | None:
     return next((_DTYPES[s.dtype] for s in header.values() if s.dtype in _DTYPES), None)
 
 
-def _growable(module: nn.Module) -> set[str]:
-    """Names of the parameters that may have more rows than stored: the input embedding, the head."""
-    ends = [m for m in (module.get_input_embeddings(), module.get_output_embeddings()) if m is not None]
-    return {name for name, p in module.named_parameters() if any(p is q for end in ends for q in end.parameters())}
-
-
 def misfit(module: nn.Module, header: dict[str, Stored]) -> str | None:
-    """Why ``header`` cannot be read into ``module``'s parameters name for name, or None."""
-    growable = _growable(module)
+    """Why ``header`` cannot be read into ``module``'s parameters name for name and shape for shape (as
+    built from the checkpoint's config, before any vocabulary growth), or None."""
     for name, param in module.named_parameters():  # a tied head is the embedding's parameter, listed once
         stored = header.get(name)
         if stored is None:
             return f"no tensor '{name}' (the checkpoint's names differ from the model's)"
-        grown = name in growable and param.dim() > 0 and stored.shape[0] <= param.shape[0]
-        if stored.shape != tuple(param.shape) and not (grown and stored.shape[1:] == tuple(param.shape[1:])):
+        if stored.shape != tuple(param.shape):
             return f"'{name}' is {stored.shape} in the checkpoint, {tuple(param.shape)} in the model"
     return None
 

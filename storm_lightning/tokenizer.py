@@ -83,6 +83,16 @@ def _time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def _rendered(text: str, messages: list[dict]) -> str:
+    """A template's rendering, refused when it is far longer than what it renders (its headers are a
+    few tokens a turn): tokenizing 12 MB made of a few words took 13 s and 3 GB, past the time limit,
+    in the tokenizer's native code."""
+    if len(text) > 2 * sum(len(m["content"]) for m in messages) + 100_000:
+        raise ValueError(f"the tokenizer's chat template rendered {len(text)} characters from "
+                         f"{sum(len(m['content']) for m in messages)}")
+    return text
+
+
 def _within(messages: list[dict], max_chars: int) -> list[dict]:
     """The first messages, up to the one that passes ``max_chars`` characters: no token is longer than
     the vocabulary's longest, so what follows lies past ``max_length`` tokens. (A template renders
@@ -152,7 +162,7 @@ def _encode_with_template(tokenizer, messages: list[dict]) -> tuple[list[int], l
     and including it. Labels are the tokens inside those spans. (``return_assistant_tokens_mask``
     needs ``{% generation %}`` markers that most templates, Llama 3's and Qwen2's included, lack.)"""
     def render(turns: list[dict], prompt: bool = False) -> str:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+        return _rendered(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt), turns)
 
     text = render(messages)
     spans = []
@@ -174,7 +184,8 @@ def encode_prompt(tokenizer, conversations: list[dict], system_prompt: str | Non
     messages = _messages(conversations, system_prompt)
     if tokenizer.chat_template is not None:
         with _time_limit(TEMPLATE_SECONDS):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = _rendered(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                             messages)
     else:
         text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages) + f"{IM_START}assistant\n"
     return tokenizer.encode(text, add_special_tokens=False)

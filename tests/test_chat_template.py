@@ -116,3 +116,12 @@ def test_a_conversation_of_thousands_of_turns_renders_only_what_fits(llama3_toke
     monkeypatch.undo()
     whole_ids, whole_labels = _encode_with_template(llama3_tokenizer, _messages(turns[:200], None))
     assert (ids, labels) == (whole_ids[:64], whole_labels[:64])
+
+
+def test_a_template_that_renders_megabytes_from_a_few_words_is_refused(llama3_tokenizer):
+    """Its rendering is tokenized in native code, past the time limit: 12 MB took 13 s and 3 GB."""
+    llama3_tokenizer.chat_template = "{{ 'x' * 12000000 }}" + LLAMA3
+    with pytest.raises(ValueError, match="chat template rendered 120.* characters from"):
+        encode_conversation(llama3_tokenizer, TURNS, 64)
+    with pytest.raises(ValueError, match="chat template rendered"):
+        encode_prompt(llama3_tokenizer, TURNS[:1])

@@ -285,9 +285,10 @@ def test_real_style_annotations_convert_check_and_train(formats, tmp_path, run_d
     assert (run_dir / "runs/sft/checkpoints/last.ckpt").is_file()
 
 
-def test_sigterm_stops_the_worker_processes_too(tmp_path):
-    """Left alone, convert's workers (children of the multiprocessing forkserver) ran on after SIGTERM,
-    holding 550 MB each and writing shards into --out after the command had exited."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_stopping_convert_stops_the_worker_processes_too(tmp_path, stop):
+    """Left alone, convert's workers (children of the multiprocessing forkserver) ran on after SIGTERM or
+    SIGKILL, holding 550 MB each and writing shards into --out after the command had exited."""
     import signal
     import subprocess
     import sys
@@ -305,10 +306,13 @@ def test_sigterm_stops_the_worker_processes_too(tmp_path):
     while not list(out.glob("*.tar")) and time.monotonic() < deadline:  # the workers are writing
         time.sleep(0.2)
     workers = _descendants(proc.pid)  # the forkserver, its workers, the resource tracker
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
-    assert "storm-shards: stopped by SIGTERM" in proc.stderr.read()
-    time.sleep(2)
+    proc.send_signal(getattr(signal, stop))
+    if stop == "SIGTERM":  # handled: the workers stopped, then exit at once
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert "storm-shards: stopped by SIGTERM" in proc.stderr.read()
+    else:  # nothing runs in the killed process: each worker notices within a second
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    time.sleep(3)
     assert len(workers) >= 3 and not [pid for pid in workers if _running(pid)]
     written = sorted(out.iterdir())
     time.sleep(2)

@@ -445,9 +445,10 @@ def test_a_multiple_choice_record_that_contradicts_itself_is_bad():
                  {"from": "gpt", "value": reply}]
         return {"conversations": turns, "options": list(options), "answer": answer}
 
-    for reply in ("C", "C.", "(C) blue", "C: blue", "The answer is C.", "A blue one."):
-        assert validate_record(record(reply), has_media=False).answer == 2
-    for reply in ("A", "B.", "(A) red", " A"):
+    for reply in ("C", "c", "(c)", "C.", "(C) blue", "C: blue", "The answer is C.", "Answer: (C)", "A blue one.",
+                  "A", "Blue, I think."):
+        assert validate_record(record(reply, answer=2 if reply != "A" else 0), has_media=False).answer in (0, 2)
+    for reply in ("A", "B.", "(A) red", " A", "a", "(a)", "Answer: A", "The answer is A.", "Option A", "answer is b"):
         with pytest.raises(BadRecord, match="answer_mismatch"):
             validate_record(record(reply), has_media=False)
 
@@ -472,3 +473,71 @@ def test_a_checkpoint_is_read_with_the_config_that_trained_it(run_dir):
     assert exported.hparams.system_prompt == "You are terse." and len(exported.compressors) == 0
     model, _ = load_model(str(ckpt), config=str(config))  # a config given on purpose is used
     assert model.hparams.system_prompt == "You are a pirate." and len(model.compressors) == 1
+
+
+def test_an_evaluation_of_which_no_sample_could_be_read_is_an_error(run_dir):
+    """storm-fit test over a source whose every sample is skipped exited 0, with no figures."""
+    from tests.conftest import storm_fit
+
+    write_tar(run_dir / "bad-000000.tar", {f"b{i}": {"json": b'{"conversations": []}'} for i in range(3)})
+    for command in ("test", "validate"):
+        proc = storm_fit(command, "--config", "conf/sft.yaml", "--data.num_workers=0",
+                         "--trainer.enable_progress_bar=false", "--data.val_sources=[{name: bad, shards: bad-000000.tar}]",
+                         check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"storm-fit: error: storm-fit {command}: no sample of data.val_sources was evaluated (each was skipped, "
+            "or the sources are empty: see the warnings above)")
+
+
+# ---- the fifth hostile pass --------------------------------------------------------------------------------
+
+def test_a_component_given_as_a_bare_string_is_checked_before_it_is_imported(tmp_path, monkeypatch):
+    """`projector: evilmod.Foo` (jsonargparse's shorthand for a class_path) was imported unchecked."""
+    from storm_lightning.inference import instantiate, load_config
+
+    marker = tmp_path / "imported"
+    (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Foo: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = load_config(str(SHARDS.parent / "conf/sft.yaml"))["model"]
+    for change in ({"projector": "evilmod.Foo"}, {"compressors": ["evilmod.Foo"]}):
+        with pytest.raises(ConfigError, match=r"names classes outside storm_lightning: \['evilmod.Foo'\]"):
+            instantiate({**model, **change, "tokenizer_path": TOKENIZER})
+    assert not marker.exists()
+
+
+def test_fifth_pass_user_errors_are_one_line(tmp_path, run_dir):
+    """A cut model.safetensors in an LLM's pretrained_path, a checkpoint whose embedded config is 2 MB,
+    two sources of one name, an output path under a file, a source of bad samples stopping training."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from storm_lightning.checkpoint import RUN_CONFIG
+    from storm_lightning.data import ShardSource, StormDataModule
+    from storm_lightning.inference import load_model
+    from storm_lightning.llm import HFCausalLM
+    from tests.conftest import storm_fit
+    from tests.test_user_errors import one_line, run
+
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                 intermediate_size=48, vocab_size=64)).save_pretrained(tmp_path / "qwen2")
+    weights = tmp_path / "qwen2/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(UserError, match=r"^model.llm.init_args.pretrained_path: .* does not load \(SafetensorError"):
+        HFCausalLM(pretrained_path=str(tmp_path / "qwen2"))
+    torch.save({"state_dict": {}, RUN_CONFIG: "x" * 2_000_000}, tmp_path / "big.ckpt")
+    with pytest.raises(UserError, match="its training config is 2000000 characters, over 1000000: pass --config"):
+        load_model(str(tmp_path / "big.ckpt"))
+    shard = write_tar(tmp_path / "t-000000.tar", {"a": {"json": conv("hi", "yo.")}})
+    with pytest.raises(ConfigError, match=r"data.train_sources: names \['t'\] more than one source"):
+        StormDataModule(train_sources=[ShardSource("t", shard), ShardSource("t", shard)], tokenizer_path=TOKENIZER)
+    (tmp_path / "file").write_text("x")
+    line = one_line(run("storm_lightning.cli:shards_main", "synth", "--out", tmp_path / "file/sub", "--scale", "0.001"),
+                    "storm-shards")  # an output path under a file (a typo): NotADirectoryError tracebacks before
+    assert line == f"storm-shards: error: Not a directory: '{tmp_path / 'file/sub/train'}'"
+    write_tar(run_dir / "bad-000000.tar", {f"b{i}": {"json": b'{"conversations": []}'} for i in range(20)})
+    proc = storm_fit("--config", "conf/sft.yaml", "--trainer.max_steps=2", "--data.num_workers=1",
+                     "--trainer.enable_progress_bar=false", "--data.train_sources=[{name: bad, shards: bad-000000.tar}]",
+                     "--data.skip_rate_after=5", "--data.max_skip_rate=0.5", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("storm-fit: error: source 'bad': 5 of 5 samples skipped"), \
+        proc.stderr[-2000:]

@@ -200,6 +200,15 @@ def test_sharded_load_on_one_device_reads_what_from_pretrained_reads(tmp_path, c
             UserError, match=r"^model.llm.init_args.pretrained_path: .*shape does not load \(RuntimeError: "):
         HFCausalLM(pretrained_path=str(tmp_path / "shape"), sharded_load=True)  # transformers: a size mismatch
     assert "is (8, 32) in the checkpoint, (16, 32) in the model" in caplog.text
+    # an embedding with fewer rows than the config's vocab_size: refused as transformers refuses it (it was
+    # accepted, the missing rows drawn at random, and trained on)
+    config = json.loads((tmp_path / "qwen2/config.json").read_text())
+    (tmp_path / "vocab").mkdir()
+    (tmp_path / "vocab/config.json").write_text(json.dumps(dict(config, vocab_size=700)))
+    (tmp_path / "vocab/model.safetensors").write_bytes((tmp_path / "qwen2/model.safetensors").read_bytes())
+    with caplog.at_level("WARNING", logger="storm_lightning.llm"), pytest.raises(UserError, match="does not load"):
+        HFCausalLM(pretrained_path=str(tmp_path / "vocab"), sharded_load=True)
+    assert "'model.embed_tokens.weight' is (620, 32) in the checkpoint, (700, 32) in the model" in caplog.text
 
 
 def test_an_export_needs_no_original_checkpoint_directory(tmp_path):

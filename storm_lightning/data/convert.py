@@ -446,7 +446,27 @@ class _InProcess(Executor):
 
 
 def _pool(workers: int) -> Executor:
-    return _InProcess() if workers <= 1 else ProcessPoolExecutor(max_workers=workers, mp_context=_CLEAN_START)
+    if workers <= 1:
+        return _InProcess()
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_CLEAN_START, initializer=_exit_with,
+                               initargs=(os.getpid(),))
+
+
+def _exit_with(parent: int) -> None:
+    """A worker ends once the process that started it has gone, SIGKILL included (the workers are the
+    forkserver's children: they ran on, writing shards into --out, after their command was killed)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _chunks(items, size: int) -> Iterator[list]:

@@ -170,6 +170,11 @@ class StormDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path")
         check_chat_format(self.tokenizer, "data.tokenizer_path")
         self.system_prompt = system_prompt
+        for key, sources in (("train_sources", self.train_sources), ("val_sources", self.val_sources)):
+            names = [s.name for s in sources]  # a resumed reader's position and the metrics are keyed by name
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ConfigError(f"data.{key}: names {twice} more than one source: each needs a name of its own")
         self.train_shards = [s.shard_paths(f"data.train_sources[{i}].shards") for i, s in enumerate(self.train_sources)]
         self.val_shards = [s.shard_paths(f"data.val_sources[{i}].shards") for i, s in enumerate(self.val_sources)]
 

@@ -8,6 +8,7 @@ memory in the data workers and between processes).
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,10 +44,11 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 MAX_FRAME_PIXELS = 8192 * 4320
 
 
-def decode_image(data: bytes, size: int, max_pixels: int = MAX_FRAME_PIXELS) -> torch.Tensor:
-    """Image bytes -> (1, 3, size, size) uint8. Over ``max_pixels`` (width x height, read from the header
-    before anything is decoded): ValueError."""
-    with Image.open(io.BytesIO(data)) as img:
+def decode_image(data: bytes | str | Path, size: int, max_pixels: int = MAX_FRAME_PIXELS) -> torch.Tensor:
+    """Image bytes, or an image file's path -> (1, 3, size, size) uint8. Over ``max_pixels`` (width x
+    height, read from the header before anything is decoded, and a file before the rest of it is read):
+    ValueError."""
+    with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as img:
         if img.width * img.height > max_pixels:
             raise ValueError(f"{img.width}x{img.height} image, over the limit of {max_pixels} pixels")
         img.load()

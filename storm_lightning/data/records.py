@@ -88,16 +88,19 @@ def _seconds(meta: dict, key: str) -> float | None:
     return float(value)
 
 
-# "B", "B.", "(B) ...", "B: ..." (not "A cat.": an article)
-_LEADING_LETTER = re.compile(r"\s*\(?([A-Z])(?:\s*$|[.):])")
+# the option letter a reply gives: "B", "b", "(b)", "B.", "(B) ...", "B: ...", "Answer: B", "The answer is
+# (B).", "Option B" (not "A cat.": an article)
+_REPLY_LETTER = (re.compile(r"\s*\(?([A-Za-z])\)?\W*$"), re.compile(r"\s*\(?([A-Z])(?:[.):]|\s*$)"),
+                 re.compile(r"\s*(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is\s*)?[:\-]?\s*\(?([A-Za-z])\b(?!')",
+                            re.IGNORECASE))
 
 
 def _check_choice(turns: list[dict], options: list[str], answer: int) -> None:
-    """A reply that opens with an option letter opens with the answer's: training would teach the reply,
+    """A reply that gives an option letter gives the answer's: training would teach the reply,
     evaluation score the answer."""
     reply = next(t["value"] for t in reversed(turns) if ROLES[t["from"]] == "assistant")
-    said = _LEADING_LETTER.match(reply)
-    if said and said.group(1) in OPTION_LETTERS[:len(options)] and said.group(1) != OPTION_LETTERS[answer]:
+    said = next((m.group(1).upper() for pattern in _REPLY_LETTER if (m := pattern.match(reply))), None)
+    if said is not None and said in OPTION_LETTERS[:len(options)] and said != OPTION_LETTERS[answer]:
         raise BadRecord("answer_mismatch", f"answer {OPTION_LETTERS[answer]}, the reply says {reply.strip()[:40]!r}")
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from storm_lightning.data.samples import Sample, SampleProcessor
 from storm_lightning.data.shards import RawSample, ShardError, read_samples_at, read_shard
+from storm_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class SourceReader:
             if not self.infinite:
                 return None
             if not self.good:
-                raise RuntimeError(f"no usable sample in a whole pass over {self.shards}")
+                raise DataError(f"no usable sample in a whole pass over {self.shards}")
             self.epoch, self.shard_pos, self.offset, self.ordinal, self.good = self.epoch + 1, 0, 0, 0, 0
             self.draining, self._mine = False, self._epoch_shards()
 
@@ -228,7 +229,7 @@ class ShardStream(IterableDataset):
         log.warning("source '%s': skipped %s (shard %s): %s", source.name, key, shard, what)
         seen, bad = self.seen[source.name], self.bad[source.name]
         if seen >= self.skip_rate_after and bad / seen > self.max_skip_rate:
-            raise RuntimeError(
+            raise DataError(
                 f"source '{source.name}': {bad} of {seen} samples skipped ({bad / seen:.0%}), over "
                 f"data.max_skip_rate={self.max_skip_rate}. Last bad: sample {key} in shard {shard}: {what}. "
                 "Repair or drop that source, or raise data.max_skip_rate"

@@ -247,7 +247,8 @@ def write_shards(out: Path, prefix: str, samples, count: int, per_shard: int) ->
         stale.unlink()  # such as {000000..000003} would read them beside these
     for shard in range(-(-count // per_shard)):
         path = out / f"{prefix}-{shard:06d}.tar"
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tmp = path.with_name(f"{path.name}.tmp")  # a shard has its name only once whole
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(shard * per_shard, min(count, (shard + 1) * per_shard)):
                 meta, media = next(samples)
                 key = f"{prefix}-{i:07d}"
@@ -256,6 +257,7 @@ def write_shards(out: Path, prefix: str, samples, count: int, per_shard: int) ->
                     _add(tar, f"{key}.{ext}", data)
                 # with the role names, which the chat template puts before every turn
                 texts.extend(f"{ROLES[turn['from']]}\n{turn['value']}" for turn in meta["conversations"])
+        tmp.replace(path)
     return texts
 
 
