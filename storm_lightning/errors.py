@@ -39,7 +39,9 @@ def one_line_errors(prog: str):
         kind = "config error" if isinstance(exn, ConfigError) else "error"
         sys.stderr.write(f"{prog}: {kind}: {text}\n")
         sys.exit(2)
-    except (NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) as exn:  # a path typed wrong
-        where = f": '{exn.filename}'" if exn.filename else ""
-        sys.stderr.write(f"{prog}: error: {exn.strerror or exn}{where}\n")
+    except OSError as exn:
+        if not exn.filename:  # not about a path the user gave: a bug, with its traceback
+            raise
+        # a path typed wrong (under a file, a folder where a file goes, missing), no permission, disk full
+        sys.stderr.write(f"{prog}: error: {exn.strerror or exn}: '{exn.filename}'\n")
         sys.exit(2)

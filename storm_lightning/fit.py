@@ -67,6 +67,11 @@ class StormCLI(LightningCLI):
         if f"{stage}/loss" not in self.trainer.callback_metrics:
             raise DataError(f"storm-fit {subcommand}: no sample of data.val_sources was evaluated (each was "
                             "skipped, or the sources are empty: see the warnings above)")
+        missing = [s.name for s in self.datamodule.val_sources if s.name not in self.model.evaluated_sources]
+        limit = self.trainer.limit_test_batches if stage == "test" else self.trainer.limit_val_batches
+        if missing and self.trainer.world_size == 1 and limit == 1.0:  # every batch read: a source gave none
+            raise DataError(f"storm-fit {subcommand}: data.val_sources {missing} gave no sample (each was skipped, "
+                            "or the source is empty: see the warnings above); the figures would leave them out")
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

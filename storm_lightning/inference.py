@@ -89,7 +89,11 @@ def instantiate(model_cfg: dict, compressors: list[Compressor] | None = None, so
     # a class_path is imported before it is checked to be a component, and a run's config.yaml or an
     # export's config.json may come from anyone: only storm_lightning's (and modules the user trusts)
     trusted = ("storm_lightning.", *(f"{m.strip()}." for m in os.environ.get(TRUSTED_MODULES, "").split(",") if m.strip()))
-    named = [p for key, value in model_cfg.items() for p in _class_paths(value, component=key in COMPONENTS)]
+    dotted = _dotted_keys(model_cfg)
+    if dotted:
+        raise ConfigError(f"{source}: the model section has dotted keys {dotted[:3]}: write them nested")
+    typed = _typed_keys()
+    named = [p for key, value in model_cfg.items() for p in _class_paths(value, component=key in typed)]
     foreign = sorted({v for v in named if not v.startswith(trusted)})
     if foreign:
         raise ConfigError(f"{source}: names classes outside storm_lightning: {foreign[:3]} (to load your own "
@@ -246,9 +250,29 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
     return model.eval()
 
 
-# the model section's components: each a {class_path, init_args} or, as jsonargparse also takes, a bare
-# "module.Class" string (both are imported)
-COMPONENTS = ("vision", "downsampler", "projector", "llm", "compressors")
+def _typed_keys() -> set[str]:
+    """StormModel's arguments that jsonargparse builds from a class (components, LoRA settings): each
+    may be given a {class_path, init_args} or a bare "module.Class" string, and both are imported."""
+    import typing
+
+    def leaves(hint) -> list:
+        args = typing.get_args(hint)
+        return [leaf for arg in args for leaf in leaves(arg)] if args else [hint]
+
+    hints = typing.get_type_hints(StormModel.__init__)
+    plain = (str, int, float, bool, type(None))
+    return {name for name, hint in hints.items()
+            if any(isinstance(leaf, type) and leaf not in plain for leaf in leaves(hint))}
+
+
+def _dotted_keys(config) -> list[str]:
+    """Keys holding a "." (jsonargparse reads "projector.class_path" as a nested key)."""
+    if isinstance(config, dict):
+        own = [k for k in config if isinstance(k, str) and "." in k]
+        return own + [d for v in config.values() for d in _dotted_keys(v)]
+    if isinstance(config, list):
+        return [d for v in config for d in _dotted_keys(v)]
+    return []
 
 
 def _class_paths(config, component: bool = False) -> list[str]:

@@ -166,6 +166,7 @@ class StormModel(L.LightningModule):
         if init_from is not None:
             self._load_init(init_from, init_from_strict)
         self._last_batch_end: float | None = None
+        self.evaluated_sources: set[str] = set()
         self._skipped: Counter = Counter()
         self._nonfinite_total = self._nonfinite_streak = 0
 
@@ -452,6 +453,7 @@ class StormModel(L.LightningModule):
         self._evaluate(batch, "test")
 
     def _evaluate(self, batch: Batch, stage: str) -> None:
+        self.evaluated_sources.update(batch.sources)
         out = self(batch)
         self.log(f"{stage}/loss", out["loss"], prog_bar=True, batch_size=len(batch))
         self._log_visual_tokens(batch, stage)
@@ -461,6 +463,12 @@ class StormModel(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         for name, value in self.choices.compute(stage, world, self.device).items():
             self.log(name, value, rank_zero_only=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluated_sources: set[str] = set()  # (storm-fit validate/test check each source gave samples)
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluated_sources = set()
 
     def on_validation_epoch_end(self) -> None:
         self._log_accuracies("val")

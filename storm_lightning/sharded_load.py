@@ -86,6 +86,10 @@ def misfit(module: nn.Module, header: dict[str, Stored]) -> str | None:
             return f"no tensor '{name}' (the checkpoint's names differ from the model's)"
         if stored.shape != tuple(param.shape):
             return f"'{name}' is {stored.shape} in the checkpoint, {tuple(param.shape)} in the model"
+    own = {name for name, _ in module.named_parameters()}
+    aliases = sorted(name for name, _ in module.named_parameters(remove_duplicate=False) if name not in own)
+    if any(name in header for name in aliases):  # transformers then unties them: reading one would not
+        return f"{[n for n in aliases if n in header]} stored apart from the weight the config ties them to"
     return None
 
 

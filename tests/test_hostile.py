@@ -422,6 +422,7 @@ def test_a_medium_in_a_format_storm_does_not_read_is_a_bad_sample_not_a_text_one
                                                   "gz": {"json": conv("What is it?", "A dog."), "jpeg.gz": b"x"},
                                                   "txt": {"json": conv("Hi", "Hello."), "txt": b"a caption",
                                                           "npy": b"features"},
+                                                  "jfif": {"json": conv("What is it?", "A dog."), "jfif": b"x"},
                                                   "png": {"json": conv(), "png": png()}})
     processor, source = SampleProcessor(TOKENIZER, 64, 512), ShardSource("m", shard)
     outcome = {}
@@ -431,9 +432,10 @@ def test_a_medium_in_a_format_storm_does_not_read_is_a_bad_sample_not_a_text_one
             outcome[raw.key] = "ok"
         except BadRecord as bad:
             outcome[raw.key] = bad.kind
-    assert outcome == {"gif": "unsupported_media", "gz": "unsupported_media", "txt": "ok", "png": "ok"}
+    assert outcome == {"gif": "unsupported_media", "gz": "unsupported_media", "jfif": "unsupported_media",
+                       "txt": "ok", "png": "ok"}
     report, = check([shard], CheckSettings(tokenizer_path=TOKENIZER, image_size=64), workers=1)
-    assert sorted(b["key"] for b in report["bad"]) == ["gif", "gz"]
+    assert sorted(b["key"] for b in report["bad"]) == ["gif", "gz", "jfif"]
 
 
 def test_a_multiple_choice_record_that_contradicts_itself_is_bad():
@@ -446,7 +448,7 @@ def test_a_multiple_choice_record_that_contradicts_itself_is_bad():
         return {"conversations": turns, "options": list(options), "answer": answer}
 
     for reply in ("C", "c", "(c)", "C.", "(C) blue", "C: blue", "The answer is C.", "Answer: (C)", "A blue one.",
-                  "A", "Blue, I think."):
+                  "A", "Blue, I think.", "The answer is a dog.", "Answer: a dog", "D.C.", "A.I. is everywhere."):
         assert validate_record(record(reply, answer=2 if reply != "A" else 0), has_media=False).answer in (0, 2)
     for reply in ("A", "B.", "(A) red", " A", "a", "(a)", "Answer: A", "The answer is A.", "Option A", "answer is b"):
         with pytest.raises(BadRecord, match="answer_mismatch"):
@@ -488,6 +490,13 @@ def test_an_evaluation_of_which_no_sample_could_be_read_is_an_error(run_dir):
         assert proc.stderr.strip().splitlines()[-1] == (
             f"storm-fit: error: storm-fit {command}: no sample of data.val_sources was evaluated (each was skipped, "
             "or the sources are empty: see the warnings above)")
+    # one good source and one bad: the figures were the good one's, the bad one left out without a word
+    proc = storm_fit("test", "--config", "conf/sft.yaml", "--data.num_workers=0", "--trainer.enable_progress_bar=false",
+                     "--data.val_sources=[{name: bad, shards: bad-000000.tar}, "
+                     "{name: image, shards: data_shards/eval/image-000000.tar}]", "--trainer.limit_test_batches=null",
+                     check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        "storm-fit: error: storm-fit test: data.val_sources ['bad'] gave no sample"), proc.stderr[-2000:]
 
 
 # ---- the fifth hostile pass --------------------------------------------------------------------------------
@@ -500,9 +509,11 @@ def test_a_component_given_as_a_bare_string_is_checked_before_it_is_imported(tmp
     (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Foo: pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     model = load_config(str(SHARDS.parent / "conf/sft.yaml"))["model"]
-    for change in ({"projector": "evilmod.Foo"}, {"compressors": ["evilmod.Foo"]}):
+    for change in ({"projector": "evilmod.Foo"}, {"compressors": ["evilmod.Foo"]}, {"lora_llm": "evilmod.Foo"}):
         with pytest.raises(ConfigError, match=r"names classes outside storm_lightning: \['evilmod.Foo'\]"):
             instantiate({**model, **change, "tokenizer_path": TOKENIZER})
+    with pytest.raises(ConfigError, match=r"dotted keys \['projector.class_path'\]: write them nested"):
+        instantiate({**model, "projector.class_path": "evilmod.Foo", "tokenizer_path": TOKENIZER})
     assert not marker.exists()
 
 
@@ -534,6 +545,9 @@ def test_fifth_pass_user_errors_are_one_line(tmp_path, run_dir):
     line = one_line(run("storm_lightning.cli:shards_main", "synth", "--out", tmp_path / "file/sub", "--scale", "0.001"),
                     "storm-shards")  # an output path under a file (a typo): NotADirectoryError tracebacks before
     assert line == f"storm-shards: error: Not a directory: '{tmp_path / 'file/sub/train'}'"
+    line = one_line(run("storm_lightning.cli:shards_main", "synth", "--out", "/proc/nope/sub", "--scale", "0.001"),
+                    "storm-shards")  # any OSError about a path (missing, read-only, full): one line
+    assert line.startswith("storm-shards: error: ") and "/proc/nope" in line
     write_tar(run_dir / "bad-000000.tar", {f"b{i}": {"json": b'{"conversations": []}'} for i in range(20)})
     proc = storm_fit("--config", "conf/sft.yaml", "--trainer.max_steps=2", "--data.num_workers=1",
                      "--trainer.enable_progress_bar=false", "--data.train_sources=[{name: bad, shards: bad-000000.tar}]",

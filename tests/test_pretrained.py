@@ -200,6 +200,15 @@ def test_sharded_load_on_one_device_reads_what_from_pretrained_reads(tmp_path, c
             UserError, match=r"^model.llm.init_args.pretrained_path: .*shape does not load \(RuntimeError: "):
         HFCausalLM(pretrained_path=str(tmp_path / "shape"), sharded_load=True)  # transformers: a size mismatch
     assert "is (8, 32) in the checkpoint, (16, 32) in the model" in caplog.text
+    # a config that ties the head while the file stores a head of its own: transformers unties them, so
+    # must a rank-by-rank read (it tied them silently: another model)
+    head = dict(tensors, **{"lm_head.weight": torch.randn(620, 32)})
+    (tmp_path / "head").mkdir()
+    (tmp_path / "head/config.json").write_bytes((tmp_path / "qwen2/config.json").read_bytes())
+    save_file(head, tmp_path / "head/model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="storm_lightning.llm"):
+        assert HFCausalLM(pretrained_path=str(tmp_path / "head"), sharded_load=True).weights_pending is None
+    assert "['lm_head.weight'] stored apart from the weight the config ties them to" in caplog.text
     # an embedding with fewer rows than the config's vocab_size: refused as transformers refuses it (it was
     # accepted, the missing rows drawn at random, and trained on)
     config = json.loads((tmp_path / "qwen2/config.json").read_text())

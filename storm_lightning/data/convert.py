@@ -458,13 +458,22 @@ def _exit_with(parent: int) -> None:
     import threading
     import time
 
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
+    def gone() -> bool:
+        try:  # a killed process stays a zombie until its own parent reaps it: it has gone all the same
+            return Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+        except OSError:  # no /proc (macOS): whether the pid exists
             try:
                 os.kill(parent, 0)
+                return False
             except ProcessLookupError:
-                os._exit(1)
+                return True
+
+    def watch() -> None:
+        while not gone():
+            time.sleep(1.0)
+        os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
 

@@ -89,17 +89,19 @@ def _seconds(meta: dict, key: str) -> float | None:
 
 
 # the option letter a reply gives: "B", "b", "(b)", "B.", "(B) ...", "B: ...", "Answer: B", "The answer is
-# (B).", "Option B" (not "A cat.": an article)
-_REPLY_LETTER = (re.compile(r"\s*\(?([A-Za-z])\)?\W*$"), re.compile(r"\s*\(?([A-Z])(?:[.):]|\s*$)"),
-                 re.compile(r"\s*(?:the\s+)?(?:correct\s+)?(?:answer|option|choice)\s*(?:is\s*)?[:\-]?\s*\(?([A-Za-z])\b(?!')",
-                            re.IGNORECASE))
+# (B).", "Option B", "answer is b" (not "A cat.", "The answer is a dog.", "D.C.": an article, a word)
+_PREFIX = r"\s*(?i:the\s+)?(?i:correct\s+)?(?i:answer|option|choice)\s*(?i:is\s*)?[:\-]?\s*"
+_REPLY_LETTER = (re.compile(r"\s*\(?([A-Za-z])\)?\W*$"),
+                 re.compile(r"\s*\(?([A-Z])(?:[.):](?=\s|$))"),
+                 re.compile(_PREFIX + r"(?:\(([A-Za-z])\)|([A-Z])(?=[.):]?(?:\s|$))|([a-z])(?=\W*$))"))
 
 
 def _check_choice(turns: list[dict], options: list[str], answer: int) -> None:
     """A reply that gives an option letter gives the answer's: training would teach the reply,
     evaluation score the answer."""
     reply = next(t["value"] for t in reversed(turns) if ROLES[t["from"]] == "assistant")
-    said = next((m.group(1).upper() for pattern in _REPLY_LETTER if (m := pattern.match(reply))), None)
+    said = next((next(g for g in m.groups() if g).upper() for pattern in _REPLY_LETTER
+                 if (m := pattern.match(reply))), None)
     if said is not None and said in OPTION_LETTERS[:len(options)] and said != OPTION_LETTERS[answer]:
         raise BadRecord("answer_mismatch", f"answer {OPTION_LETTERS[answer]}, the reply says {reply.strip()[:40]!r}")
 

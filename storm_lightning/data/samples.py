@@ -92,11 +92,11 @@ class _LazyFrames(Sequence):
         return entry_bytes(self.entries[i])
 
 
-# image and video formats, read or not: an entry in one of them (or compressed: jpeg.gz) is a medium,
-# so a sample holding one that storm cannot read is not a text sample (other entries, such as an
-# img2dataset caption .txt or precomputed .npy features, are the sample's own business)
-MEDIA_FORMATS = {*IMAGE_EXTS, *VIDEO_EXTS, "gif", "bmp", "tif", "tiff", "heic", "heif", "avif", "jp2", "ico",
-                 "mpg", "mpeg", "m4v", "flv", "wmv", "3gp", "ogv", "ts", "mts", "m2ts", "vob"}
+# what a sample without a medium may hold besides its json: text and data side files (an img2dataset
+# caption, precomputed features). Any other entry may be a medium storm cannot read (.gif, .jfif, .qt,
+# .jpeg.gz, ...): such a sample is not a text sample, and is skipped and counted
+SIDE_ENTRIES = {"txt", "cls", "json", "jsonl", "csv", "tsv", "md", "yaml", "yml", "xml", "html", "srt", "vtt",
+                "npy", "npz", "pt", "pth", "pkl", "pyd", "pickle", "safetensors", "id", "idx"}
 
 
 @dataclass
@@ -134,7 +134,7 @@ class SampleProcessor:
         kinds = bool(images) + bool(videos) + bool(frames)
         if kinds > 1 or len(images) > 1 or len(videos) > 1:
             raise BadRecord("several_media", f"entries {sorted(raw.entries)}: one medium per sample")
-        unread = sorted(e for e in raw.entries if set(e.split(".")) & MEDIA_FORMATS)
+        unread = sorted(e for e in raw.entries if e not in SIDE_ENTRIES)
         if not kinds and unread:  # a .gif, a .jpeg.gz: a question about a picture the model would never see
             raise BadRecord("unsupported_media", f"entries {unread}: media are {', '.join(IMAGE_EXTS + VIDEO_EXTS)} "
                                                  "or a frame folder")
