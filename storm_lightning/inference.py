@@ -156,7 +156,7 @@ def _load_checkpoint(checkpoint: str, config: str | None, compressors: list[Comp
 def _load_weights(model: StormModel, state: dict, what: str) -> None:
     try:
         model.load_state_dict(state)
-    except RuntimeError as exn:  # missing, unexpected or differently shaped weights
+    except (RuntimeError, TypeError, AttributeError) as exn:  # missing, unexpected, other shapes, not a dict
         detail = " ".join(str(exn).split())
         raise ConfigError(f"{what}: {detail[:300]}{' ...' if len(detail) > 300 else ''}") from None
 

@@ -421,7 +421,8 @@ def test_a_medium_in_a_format_storm_does_not_read_is_a_bad_sample_not_a_text_one
     shard = write_tar(tmp_path / "m-000000.tar", {"gif": {"json": conv("What moves?", "A cat."), "gif": b"GIF89a"},
                                                   "gz": {"json": conv("What is it?", "A dog."), "jpeg.gz": b"x"},
                                                   "txt": {"json": conv("Hi", "Hello."), "txt": b"a caption",
-                                                          "npy": b"features"},
+                                                          "npy": b"features", "text": b"t", "msgpack": b"m",
+                                                          "meta.json": b"{}", "json.gz": b"z"},
                                                   "jfif": {"json": conv("What is it?", "A dog."), "jfif": b"x"},
                                                   "png": {"json": conv(), "png": png()}})
     processor, source = SampleProcessor(TOKENIZER, 64, 512), ShardSource("m", shard)
@@ -448,7 +449,8 @@ def test_a_multiple_choice_record_that_contradicts_itself_is_bad():
         return {"conversations": turns, "options": list(options), "answer": answer}
 
     for reply in ("C", "c", "(c)", "C.", "(C) blue", "C: blue", "The answer is C.", "Answer: (C)", "A blue one.",
-                  "A", "Blue, I think.", "The answer is a dog.", "Answer: a dog", "D.C.", "A.I. is everywhere."):
+                  "A", "Blue, I think.", "The answer is a dog.", "Answer: a dog", "D.C.", "A.I. is everywhere.",
+                  "Answer: A dog.", "The answer is A dog running."):
         assert validate_record(record(reply, answer=2 if reply != "A" else 0), has_media=False).answer in (0, 2)
     for reply in ("A", "B.", "(A) red", " A", "a", "(a)", "Answer: A", "The answer is A.", "Option A", "answer is b"):
         with pytest.raises(BadRecord, match="answer_mismatch"):
@@ -538,6 +540,9 @@ def test_fifth_pass_user_errors_are_one_line(tmp_path, run_dir):
     torch.save({"state_dict": {}, RUN_CONFIG: "x" * 2_000_000}, tmp_path / "big.ckpt")
     with pytest.raises(UserError, match="its training config is 2000000 characters, over 1000000: pass --config"):
         load_model(str(tmp_path / "big.ckpt"))
+    torch.save({"state_dict": [1, 2]}, tmp_path / "list.ckpt")  # a TypeError traceback before (seventh pass)
+    with pytest.raises(ConfigError, match="list.ckpt does not fit the model of"):
+        load_model(str(tmp_path / "list.ckpt"), config=str(SHARDS.parent / "conf/sft.yaml"))
     shard = write_tar(tmp_path / "t-000000.tar", {"a": {"json": conv("hi", "yo.")}})
     with pytest.raises(ConfigError, match=r"data.train_sources: names \['t'\] more than one source"):
         StormDataModule(train_sources=[ShardSource("t", shard), ShardSource("t", shard)], tokenizer_path=TOKENIZER)

@@ -89,11 +89,12 @@ def _seconds(meta: dict, key: str) -> float | None:
 
 
 # the option letter a reply gives: "B", "b", "(b)", "B.", "(B) ...", "B: ...", "Answer: B", "The answer is
-# (B).", "Option B", "answer is b" (not "A cat.", "The answer is a dog.", "D.C.": an article, a word)
+# (B).", "Option B", "answer is b" (not "A cat.", "The answer is a dog.", "Answer: A dog.", "D.C.": an
+# article, a word)
 _PREFIX = r"\s*(?i:the\s+)?(?i:correct\s+)?(?i:answer|option|choice)\s*(?i:is\s*)?[:\-]?\s*"
 _REPLY_LETTER = (re.compile(r"\s*\(?([A-Za-z])\)?\W*$"),
                  re.compile(r"\s*\(?([A-Z])(?:[.):](?=\s|$))"),
-                 re.compile(_PREFIX + r"(?:\(([A-Za-z])\)|([A-Z])(?=[.):]?(?:\s|$))|([a-z])(?=\W*$))"))
+                 re.compile(_PREFIX + r"(?:\(([A-Za-z])\)|([A-Z])(?=\W*$|[.):]\s)|([a-z])(?=\W*$))"))
 
 
 def _check_choice(turns: list[dict], options: list[str], answer: int) -> None:

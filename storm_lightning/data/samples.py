@@ -92,11 +92,14 @@ class _LazyFrames(Sequence):
         return entry_bytes(self.entries[i])
 
 
-# what a sample without a medium may hold besides its json: text and data side files (an img2dataset
-# caption, precomputed features). Any other entry may be a medium storm cannot read (.gif, .jfif, .qt,
-# .jpeg.gz, ...): such a sample is not a text sample, and is skipped and counted
-SIDE_ENTRIES = {"txt", "cls", "json", "jsonl", "csv", "tsv", "md", "yaml", "yml", "xml", "html", "srt", "vtt",
-                "npy", "npz", "pt", "pth", "pkl", "pyd", "pickle", "safetensors", "id", "idx"}
+# image, video and audio formats, read or not (any part of an entry's extension: "jpeg.gz"): a sample
+# without a medium storm reads that holds one is not a text sample, and is skipped and counted. Other
+# entries (webdataset's .text, .cls, .npy, .msgpack, ... side files) are the sample's own business.
+MEDIA_FORMATS = {*IMAGE_EXTS, *VIDEO_EXTS, "gif", "bmp", "tif", "tiff", "heic", "heif", "avif", "jp2", "jpe", "jfif",
+                 "jxl", "ico", "apng", "pgm", "ppm", "pbm", "pnm", "tga", "exr", "dng", "mpg", "mpeg", "m4v", "m2v",
+                 "mjpeg", "mjpg", "qt", "flv", "f4v", "wmv", "asf", "3gp", "3g2", "ogv", "ogg", "ts", "mts", "m2ts",
+                 "vob", "y4m", "h264", "h265", "hevc", "divx", "rm", "rmvb", "mxf", "dv", "wav", "mp3", "flac",
+                 "m4a", "aac", "opus"}
 
 
 @dataclass
@@ -134,7 +137,7 @@ class SampleProcessor:
         kinds = bool(images) + bool(videos) + bool(frames)
         if kinds > 1 or len(images) > 1 or len(videos) > 1:
             raise BadRecord("several_media", f"entries {sorted(raw.entries)}: one medium per sample")
-        unread = sorted(e for e in raw.entries if e not in SIDE_ENTRIES)
+        unread = sorted(e for e in raw.entries if set(e.lower().split(".")) & MEDIA_FORMATS)
         if not kinds and unread:  # a .gif, a .jpeg.gz: a question about a picture the model would never see
             raise BadRecord("unsupported_media", f"entries {unread}: media are {', '.join(IMAGE_EXTS + VIDEO_EXTS)} "
                                                  "or a frame folder")
