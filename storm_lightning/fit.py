@@ -69,7 +69,8 @@ class StormCLI(LightningCLI):
                             "skipped, or the sources are empty: see the warnings above)")
         missing = [s.name for s in self.datamodule.val_sources if s.name not in self.model.evaluated_sources]
         limit = self.trainer.limit_test_batches if stage == "test" else self.trainer.limit_val_batches
-        if missing and self.trainer.world_size == 1 and limit == 1.0:  # every batch read: a source gave none
+        every = isinstance(limit, float) and limit == 1.0  # (an int 1 is one batch)
+        if missing and self.trainer.world_size == 1 and every:  # every batch read: a source gave none
             raise DataError(f"storm-fit {subcommand}: data.val_sources {missing} gave no sample (each was skipped, "
                             "or the source is empty: see the warnings above); the figures would leave them out")
 
