@@ -27,15 +27,28 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from storm_lightning.errors import MissingPathError, UnsafeFileError, UserError, one_line_errors
+from storm_lightning.errors import ConfigError, MissingPathError, UnsafeFileError, UserError, one_line_errors
 
 T = TypeVar("T")
 
 # every checkpoint storm-fit writes holds the text of the config that trained it under this key: a later
 # run writing its config.yaml into the same folder cannot change what the checkpoint is read as
 RUN_CONFIG = "storm_run_config"
+# and the fingerprint of the tokenizer it was trained with (tokenizer.tokenizer_fingerprint): a tokenizer
+# retrained in the same folder (storm-shards synth again) gives other ids to the same tokens
+TOKENIZER_FINGERPRINT = "storm_tokenizer_fingerprint"
 
 log = logging.getLogger(__name__)
+
+
+def check_tokenizer(checkpoint: dict, fingerprint: str, tokenizer_path: str, what: str) -> None:
+    """A one-line ``ConfigError`` when ``checkpoint`` was trained with another vocabulary than the one
+    at ``tokenizer_path`` (checkpoints written before fingerprints were kept are not checked)."""
+    theirs = checkpoint.get(TOKENIZER_FINGERPRINT)
+    if isinstance(theirs, str) and theirs != fingerprint:
+        raise ConfigError(f"{what} was trained with another tokenizer than data.tokenizer_path='{tokenizer_path}' "
+                          f"(vocabulary {fingerprint}, the checkpoint's {theirs}): point data.tokenizer_path at "
+                          "the tokenizer that run used")
 
 
 def load_checkpoint_file(path: str | Path, what: str) -> dict:

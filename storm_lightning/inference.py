@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from storm_lightning.compressors import Compressor
-from storm_lightning.checkpoint import RUN_CONFIG, load_checkpoint_file
+from storm_lightning.checkpoint import RUN_CONFIG, check_tokenizer, load_checkpoint_file
 from storm_lightning.config_yaml import expanded_size
 from storm_lightning.errors import ConfigError, MissingPathError, UserError
 from storm_lightning.lora import merge
@@ -149,6 +149,7 @@ def _load_checkpoint(checkpoint: str, config: str | None, compressors: list[Comp
     else:
         text, config = None, str(config or find_config(checkpoint))
     model, data = build_model(config, compressors, text)
+    check_tokenizer(state, model.tokenizer_fingerprint, model.hparams.tokenizer_path, checkpoint)
     _load_weights(model, state.get("state_dict", state), f"{checkpoint} does not fit the model of {config}")
     return model.eval(), data, config, text
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from storm_lightning.checkpoint import load_checkpoint_file
+from storm_lightning.checkpoint import TOKENIZER_FINGERPRINT, check_tokenizer, load_checkpoint_file
 from storm_lightning.errors import ConfigError
 from storm_lightning.compressors import Compressor, TemporalAveragePool, VisualTokenCount, chain_output_shape
 from storm_lightning.data.batching import Batch
@@ -35,7 +35,8 @@ from storm_lightning.llm import CausalLM
 from storm_lightning.lora import LoraSettings, add_lora, load_compatible
 from storm_lightning.projectors import Projector
 from storm_lightning.evaluation import MultipleChoiceMetrics, choice_scores, option_token_ids
-from storm_lightning.tokenizer import IGNORE_INDEX, check_chat_format, load_tokenizer, media_token_ids
+from storm_lightning.tokenizer import (IGNORE_INDEX, check_chat_format, load_tokenizer, media_token_ids,
+                                      tokenizer_fingerprint)
 from storm_lightning.vision import VisionBackbone
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class StormModel(L.LightningModule):
         key = "data.tokenizer_path (linked to model.tokenizer_path)"
         self.tokenizer = load_tokenizer(tokenizer_path, key=key)
         check_chat_format(self.tokenizer, key)  # a template that cannot render (or tries to escape its sandbox)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)  # saved in every checkpoint
         if llm.vocab_size < len(self.tokenizer):
             llm.resize_vocab(len(self.tokenizer))
         self.media_token_ids = media_token_ids(self.tokenizer)
@@ -245,6 +247,7 @@ class StormModel(L.LightningModule):
 
     def _load_init(self, path: str, strict: bool) -> None:
         checkpoint = load_checkpoint_file(path, "model.init_from")
+        check_tokenizer(checkpoint, self.tokenizer_fingerprint, self.hparams.tokenizer_path, f"model.init_from='{path}'")
         state = checkpoint.get("state_dict", checkpoint)
         missing, unexpected = load_compatible(self, state)  # with or without LoRA adapters on either side
         if strict and (missing or unexpected):
@@ -254,8 +257,13 @@ class StormModel(L.LightningModule):
             )
         log.info("initialised from %s (%d tensors)", path, len(state))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[TOKENIZER_FINGERPRINT] = self.tokenizer_fingerprint
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """``--ckpt_path`` of another model: one line naming what differs, before Lightning's load raises."""
+        """``--ckpt_path`` of another model or trained with another tokenizer: one line naming what
+        differs, before Lightning's load raises (or, for the tokenizer, trains on wrong ids)."""
+        check_tokenizer(checkpoint, self.tokenizer_fingerprint, self.hparams.tokenizer_path, "--ckpt_path")
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict) or getattr(self, "device_mesh", None) is not None:
             return  # sharded checkpoints are matched by torch.distributed.checkpoint itself

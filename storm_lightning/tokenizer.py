@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import signal
 import threading
 from collections.abc import Iterable, Iterator
@@ -44,6 +46,13 @@ def load_tokenizer(path: str, key: str = "data.tokenizer_path"):
     if tok.pad_token is None:  # padding is masked out: any token will do, the end-of-text one if there is one
         tok.pad_token = tok.eos_token if tok.eos_token is not None else PAD
     return tok
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary (every token and its id, added ones included): what a checkpoint's
+    embedding rows mean. Two tokenizers with the same fingerprint read token ids alike."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
 def max_chars_for(tokenizer, max_length: int) -> int:

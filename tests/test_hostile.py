@@ -450,9 +450,12 @@ def test_a_multiple_choice_record_that_contradicts_itself_is_bad():
 
     for reply in ("C", "c", "(c)", "C.", "(C) blue", "C: blue", "The answer is C.", "Answer: (C)", "A blue one.",
                   "A", "Blue, I think.", "The answer is a dog.", "Answer: a dog", "D.C.", "A.I. is everywhere.",
-                  "Answer: A dog.", "The answer is A dog running."):
+                  "Answer: A dog.", "The answer is A dog running.", "**C**", "[C]", "My answer is C.",
+                  "I choose a dog.", "My answer is a dog."):
         assert validate_record(record(reply, answer=2 if reply != "A" else 0), has_media=False).answer in (0, 2)
-    for reply in ("A", "B.", "(A) red", " A", "a", "(a)", "Answer: A", "The answer is A.", "Option A", "answer is b"):
+    for reply in ("A", "B.", "(A) red", " A", "a", "(a)", "Answer: A", "The answer is A.", "Option A", "answer is b",
+                  "**A**", "[A]", "[a]", "*A.*", "My answer is B.", "Final answer: A", "I choose B", "I pick option A",
+                  "`B`"):
         with pytest.raises(BadRecord, match="answer_mismatch"):
             validate_record(record(reply), has_media=False)
 
@@ -560,3 +563,40 @@ def test_fifth_pass_user_errors_are_one_line(tmp_path, run_dir):
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("storm-fit: error: source 'bad': 5 of 5 samples skipped"), \
         proc.stderr[-2000:]
+
+
+def test_a_checkpoint_is_read_only_with_the_tokenizer_that_trained_it(run_dir):
+    """storm-shards synth run again retrains the tokenizer in place: same size, other ids for the same
+    tokens. Testing, chatting with or starting a stage from an older checkpoint then went on silently
+    with every token embedding meaning another token."""
+    import json
+    import shutil
+
+    from storm_lightning.checkpoint import TOKENIZER_FINGERPRINT
+    from storm_lightning.errors import ConfigError
+    from storm_lightning.inference import load_model
+    from storm_lightning.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from tests.conftest import FAST, storm_fit
+
+    storm_fit("--config", "conf/sft.yaml", *FAST)
+    ckpt = run_dir / "runs/sft/checkpoints/last.ckpt"
+    same = tokenizer_fingerprint(load_tokenizer("data_shards/tokenizer"))
+    assert torch.load(ckpt, weights_only=True)[TOKENIZER_FINGERPRINT] == same
+    shutil.copytree("data_shards/tokenizer", "retrained")
+    spec = json.loads((run_dir / "retrained/tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["What"], vocab["ang"] = vocab["ang"], vocab["What"]  # two tokens trade ids: the size is the same
+    (run_dir / "retrained/tokenizer.json").write_text(json.dumps(spec))
+    assert tokenizer_fingerprint(load_tokenizer("retrained")) != same
+
+    for args in (("test", "--config", "conf/sft.yaml", "--ckpt_path", str(ckpt)),
+                 ("fit", "--config", "conf/sft.yaml", *FAST, f"--model.init_from={ckpt}",
+                  "--trainer.default_root_dir=runs/next")):
+        proc = storm_fit(*args, "--data.tokenizer_path=retrained", "--data.num_workers=0", check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "another tokenizer than data.tokenizer_path='retrained'" in proc.stderr.strip().splitlines()[-1]
+    config = run_dir / "retrained.yaml"
+    config.write_text((run_dir / "runs/sft/config.yaml").read_text().replace("data_shards/tokenizer", "retrained"))
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        load_model(str(ckpt), str(config))
+    load_model(str(ckpt))  # its own tokenizer: loads

@@ -88,19 +88,22 @@ def _seconds(meta: dict, key: str) -> float | None:
     return float(value)
 
 
-# the option letter a reply gives: "B", "b", "(b)", "B.", "(B) ...", "B: ...", "Answer: B", "The answer is
-# (B).", "Option B", "answer is b" (not "A cat.", "The answer is a dog.", "Answer: A dog.", "D.C.": an
-# article, a word)
-_PREFIX = r"\s*(?i:the\s+)?(?i:correct\s+)?(?i:answer|option|choice)\s*(?i:is\s*)?[:\-]?\s*"
-_REPLY_LETTER = (re.compile(r"\s*\(?([A-Za-z])\)?\W*$"),
-                 re.compile(r"\s*\(?([A-Z])(?:[.):](?=\s|$))"),
-                 re.compile(_PREFIX + r"(?:\(([A-Za-z])\)|([A-Z])(?=\W*$|[.):]\s)|([a-z])(?=\W*$))"))
+# the option letter a reply gives: "B", "b", "(b)", "[B]", "**B**", "B.", "(B) ...", "B: ...", "Answer: B",
+# "The answer is (B).", "My answer is B.", "Final answer: B", "I choose B", "Option B", "answer is b" (not
+# "A cat.", "The answer is a dog.", "Answer: A dog.", "D.C.": an article, a word). Markdown emphasis is
+# dropped first.
+_PREFIX = (r"\s*(?i:(?:the|my|final|correct)\s+)*(?i:answer|option|choice)\s*(?i:is\s*)?[:\-]?\s*"
+           r"|\s*(?i:i\s+(?:choose|pick|select|go\s+with)\s+)(?i:option\s+)?")
+_REPLY_LETTER = (re.compile(r"\s*[(\[]?([A-Za-z])[)\]]?\W*$"),
+                 re.compile(r"\s*[(\[]?([A-Z])(?:[.):\]](?=\s|$))"),
+                 re.compile(r"(?:" + _PREFIX + r")(?:[(\[]([A-Za-z])[)\]]|([A-Z])(?=\W*$|[.):\]]\s)|([a-z])(?=\W*$))"))
+_EMPHASIS = re.compile(r"[*_`]+")
 
 
 def _check_choice(turns: list[dict], options: list[str], answer: int) -> None:
     """A reply that gives an option letter gives the answer's: training would teach the reply,
     evaluation score the answer."""
-    reply = next(t["value"] for t in reversed(turns) if ROLES[t["from"]] == "assistant")
+    reply = _EMPHASIS.sub("", next(t["value"] for t in reversed(turns) if ROLES[t["from"]] == "assistant"))
     said = next((next(g for g in m.groups() if g).upper() for pattern in _REPLY_LETTER
                  if (m := pattern.match(reply))), None)
     if said is not None and said in OPTION_LETTERS[:len(options)] and said != OPTION_LETTERS[answer]:
