@@ -41,14 +41,15 @@ TOKENIZER_FINGERPRINT = "storm_tokenizer_fingerprint"
 log = logging.getLogger(__name__)
 
 
-def check_tokenizer(checkpoint: dict, fingerprint: str, tokenizer_path: str, what: str) -> None:
-    """A one-line ``ConfigError`` when ``checkpoint`` was trained with another vocabulary than the one
-    at ``tokenizer_path`` (checkpoints written before fingerprints were kept are not checked)."""
+def check_tokenizer(checkpoint: dict, fingerprint: str, tokenizer_path: str, what: str,
+                    hint: str = "point data.tokenizer_path at the tokenizer that run used") -> None:
+    """A one-line ``ConfigError`` when ``checkpoint`` was trained with another tokenizer (vocabulary or
+    chat template: ``tokenizer.tokenizer_fingerprint``) than the one at ``tokenizer_path``. Checkpoints
+    written before fingerprints were kept are not checked."""
     theirs = checkpoint.get(TOKENIZER_FINGERPRINT)
     if isinstance(theirs, str) and theirs != fingerprint:
-        raise ConfigError(f"{what} was trained with another tokenizer than data.tokenizer_path='{tokenizer_path}' "
-                          f"(vocabulary {fingerprint}, the checkpoint's {theirs}): point data.tokenizer_path at "
-                          "the tokenizer that run used")
+        raise ConfigError(f"{what} was trained with another tokenizer than the one in '{tokenizer_path}' (vocabulary "
+                          f"and chat template {fingerprint}, the checkpoint's {theirs}): {hint}")
 
 
 def load_checkpoint_file(path: str | Path, what: str) -> dict:

@@ -141,13 +141,15 @@ def _check_settings(opts: argparse.Namespace, paths: list[str]):
     from jsonargparse import ArgumentError, ArgumentParser
 
     from storm_lightning.data import StormDataModule
-    from storm_lightning.inference import load_config
+    from storm_lightning.inference import load_config, refuse_foreign
 
     # the data module training would build, so that check reads with its sizes, limits and system prompt
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(StormDataModule, "data")
+    section = load_config(opts.config, need_model=False)["data"]
+    refuse_foreign(section, StormDataModule, f"--config {opts.config}", "data")  # read only: nothing imported
     try:
-        data = parser.instantiate(parser.parse_object({"data": load_config(opts.config, need_model=False)["data"]})).data
+        data = parser.instantiate(parser.parse_object({"data": section})).data
     except ArgumentError as exn:
         raise ConfigError(f"--config {opts.config}: {' '.join(str(exn).split())[:300]}") from None
     absolute = {os.path.abspath(p) for p in paths}

@@ -27,7 +27,11 @@ class UnsafeFileError(UserError, ValueError):
 
 @contextmanager
 def one_line_errors(prog: str):
-    """Run a command-line tool's body: a ``UserError`` becomes one line on stderr and exit status 2."""
+    """Run a command-line tool's body: a ``UserError`` becomes one line on stderr and exit status 2.
+    Names read from files (a tar member's, not in UTF-8) are printed with escapes, never a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         yield
     except UserError as exn:

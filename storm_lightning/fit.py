@@ -4,6 +4,7 @@ checkpoint saves, and a SIGTERM that stops the run wherever it is."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from storm_lightning.checkpoint import RUN_CONFIG, AtomicCheckpointIO
 from storm_lightning.config_yaml import bounded
 from storm_lightning.data import StormDataModule
-from storm_lightning.errors import ConfigError, DataError, one_line_errors
+from storm_lightning.errors import ConfigError, DataError, UserError, one_line_errors
 from storm_lightning.host_memory import keep_freed_memory
 from storm_lightning.model import StormModel
 
@@ -47,6 +48,11 @@ class StormArgumentParser(LightningArgumentParser):
         config_error(f"{message} (`storm-fit fit --help` lists every key)")
 
 
+# data settings that change what a checkpoint reads: compared with those it was trained with
+COMPARED_DATA_KEYS = ("system_prompt", "tokenizer_path", "image_size", "max_length")
+log = logging.getLogger(__name__)
+
+
 class StormCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # one tokenizer for data and model: set data.tokenizer_path only
@@ -55,6 +61,42 @@ class StormCLI(LightningCLI):
         # batching by token budget counts each clip's visual tokens as the model's compressors leave them
         parser.link_arguments("model", "data.visual_tokens", compute_fn=lambda model: model.visual_token_count,
                               apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        self._compare_with_checkpoint("fit")
+
+    def before_validate(self) -> None:
+        self._compare_with_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._compare_with_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._compare_with_checkpoint("predict")
+
+    def _compare_with_checkpoint(self, subcommand: str) -> None:
+        """A warning naming the data settings that differ from those the ``--ckpt_path`` checkpoint was
+        trained with (its embedded config): scoring it with another system prompt, say, went unsaid."""
+        import torch
+        import yaml
+
+        path = self.config[subcommand].get("ckpt_path")
+        if not path or not Path(str(path)).is_file():
+            return  # none, "last"/"best", or a sharded folder (no embedded config)
+        try:
+            text = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get(RUN_CONFIG)
+            trained = yaml.safe_load(text) if isinstance(text, str) and len(text) <= 1_000_000 else None
+            trained_data = trained["data"] if isinstance(trained, dict) and isinstance(trained.get("data"), dict) else None
+        except Exception:  # unreadable: Lightning's own load says so, in one line (checkpoint.py)
+            return
+        if trained_data is None:
+            return
+        now = self.config[subcommand].data
+        differ = [f"data.{key}={trained_data.get(key)!r} (now {now.get(key)!r})" for key in COMPARED_DATA_KEYS
+                  if trained_data.get(key) != now.get(key)]
+        if differ:
+            log.warning("--ckpt_path %s was trained with other settings: %s; %s runs with this config's",
+                        path, ", ".join(differ), subcommand)
 
     def after_validate(self) -> None:
         self._require_results("validate", "val")
@@ -123,13 +165,23 @@ _TERMINATING = False
 
 @contextlib.contextmanager
 def lightning_errors():
-    """Lightning's own misconfiguration errors (``--trainer.max_steps=-5``) as config errors: one line."""
+    """Lightning's own misconfiguration errors (``--trainer.max_steps=-5``) as config errors: one line;
+    and a component's own UserError that jsonargparse wrapped while trying the types of a union
+    (``--model.compressors+=TemporalSample --model.compressors.init_args.stride=0``) as itself."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
         yield
     except MisconfigurationException as exn:
         raise ConfigError(f"trainer: {exn}") from None
+    except ValueError as exn:
+        cause, seen = exn, set()
+        while cause is not None and id(cause) not in seen and not isinstance(cause, UserError):
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or id(cause) in seen:
+            raise
+        raise cause from None
 
 
 def fit_main(args: list[str] | None = None) -> None:

@@ -7,15 +7,18 @@ the run (``runs/<name>/config.yaml`` for ``runs/<name>/checkpoints/*.ckpt``) and
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
 from storm_lightning.compressors import Compressor
-from storm_lightning.checkpoint import RUN_CONFIG, check_tokenizer, load_checkpoint_file
-from storm_lightning.config_yaml import expanded_size
+from storm_lightning.checkpoint import RUN_CONFIG, TOKENIZER_FINGERPRINT, check_tokenizer, load_checkpoint_file
+from storm_lightning.config_yaml import check_yaml
 from storm_lightning.errors import ConfigError, MissingPathError, UserError
 from storm_lightning.lora import merge
 from storm_lightning.model import StormModel
@@ -57,7 +60,7 @@ def load_config(config: str, need_model: bool = True, text: str | None = None) -
         full = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exn:
         raise UserError(f"--config {config}: not a readable YAML file ({' '.join(str(exn).split())[:200]})") from None
-    expanded_size(full, f"--config {config}")
+    check_yaml(text, full, f"--config {config}")
     if not isinstance(full, dict) or (need_model and not isinstance(full.get("model"), dict)):
         wanted = "a 'model' section" if need_model else "a 'data' section"
         raise UserError(f"--config {config}: not a storm-fit config (expected a mapping with {wanted})")
@@ -86,18 +89,7 @@ def instantiate(model_cfg: dict, compressors: list[Compressor] | None = None, so
     ``source`` names the file the config came from, for errors."""
     from jsonargparse import ArgumentError, ArgumentParser
 
-    # a class_path is imported before it is checked to be a component, and a run's config.yaml or an
-    # export's config.json may come from anyone: only storm_lightning's (and modules the user trusts)
-    trusted = ("storm_lightning.", *(f"{m.strip()}." for m in os.environ.get(TRUSTED_MODULES, "").split(",") if m.strip()))
-    dotted = _dotted_keys(model_cfg)
-    if dotted:
-        raise ConfigError(f"{source}: the model section has dotted keys {dotted[:3]}: write them nested")
-    typed = _typed_keys()
-    named = [p for key, value in model_cfg.items() for p in _class_paths(value, component=key in typed)]
-    foreign = sorted({v for v in named if not v.startswith(trusted)})
-    if foreign:
-        raise ConfigError(f"{source}: names classes outside storm_lightning: {foreign[:3]} (to load your own "
-                          f"components, name their modules in {TRUSTED_MODULES}, comma-separated)")
+    refuse_foreign(model_cfg, StormModel, source, "model")
     model_cfg = dict(model_cfg, compressors=[] if compressors is not None else model_cfg.get("compressors", []))
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(StormModel, "model")
@@ -113,11 +105,43 @@ def instantiate(model_cfg: dict, compressors: list[Compressor] | None = None, so
     return model
 
 
+def check_fits(model_cfg: dict, stored: int, source: str, weights: str) -> None:
+    """Refuse, in one line, a model config that asks for far more parameters than ``stored``, the number
+    its weights file holds, before building it: a 3 KB config.json saying ``vocab_size: 6000000`` took
+    gigabytes before any shape was compared. The config's model is built on the meta device (nothing
+    allocated, no pretrained weights read); one that cannot be built there is compared after loading."""
+    import copy
+
+    skeleton_cfg = copy.deepcopy(model_cfg)
+    for key in STRUCTURE_FROM_CONFIG:
+        init_args = _init_args(skeleton_cfg, key)
+        if init_args.get("pretrained_path"):
+            init_args["pretrained_weights"] = False
+        if init_args.get("sharded_load"):
+            init_args["sharded_load"] = False
+        if init_args.get("checkpoint_path"):
+            init_args["checkpoint_path"] = None
+    skeleton_cfg["init_from"] = None
+    try:
+        with torch.device("meta"):
+            skeleton = instantiate(skeleton_cfg, None, source=source)
+    except UserError:
+        raise
+    except Exception:  # a component that needs real tensors to build: the load compares shapes
+        return
+    wanted = sum(p.numel() for p in skeleton.parameters())
+    if wanted > stored + stored // 10 + 65536:
+        raise ConfigError(f"{source}: describes a model of {wanted:,} parameters, and {weights} holds {stored:,} "
+                          "values: the config does not belong to these weights")
+
+
 def build_model(config: str, compressors: list[Compressor] | None = None,
-                text: str | None = None) -> tuple[StormModel, dict]:
+                text: str | None = None, stored: int | None = None) -> tuple[StormModel, dict]:
     """A StormModel from a storm-fit config (random weights, or its components' pretrained ones), and the
-    config's data section."""
+    config's data section. ``stored``: the number of values of the checkpoint it is for (``check_fits``)."""
     model_cfg, data = model_config(config, text)
+    if stored is not None:
+        check_fits(model_cfg, stored, config, "the checkpoint")
     model = instantiate(model_cfg, compressors, source=config)
     model.llm.load_pending_weights()  # sharded_load (conf/fsdp.yaml): one process reads them whole
     return model, data
@@ -148,7 +172,9 @@ def _load_checkpoint(checkpoint: str, config: str | None, compressors: list[Comp
         config = f"{checkpoint} (its training config)"
     else:
         text, config = None, str(config or find_config(checkpoint))
-    model, data = build_model(config, compressors, text)
+    weights = state.get("state_dict", state)
+    stored = sum(v.numel() for v in weights.values() if isinstance(v, torch.Tensor)) if isinstance(weights, dict) else None
+    model, data = build_model(config, compressors, text, stored)
     check_tokenizer(state, model.tokenizer_fingerprint, model.hparams.tokenizer_path, checkpoint)
     _load_weights(model, state.get("state_dict", state), f"{checkpoint} does not fit the model of {config}")
     return model.eval(), data, config, text
@@ -166,6 +192,7 @@ EXPORT_CONFIG, EXPORT_WEIGHTS = "config.json", "model.safetensors"
 
 # components whose init_args may name a transformers checkpoint directory (pretrained_path)
 STRUCTURE_FROM_CONFIG = ("vision", "llm")
+EXPORT_NAMES = {EXPORT_CONFIG, EXPORT_WEIGHTS, "tokenizer", *STRUCTURE_FROM_CONFIG}  # what an export holds
 
 
 def _init_args(model_cfg: dict, key: str) -> dict:
@@ -179,20 +206,46 @@ def export(checkpoint: str, out_dir: str, config: str | None = None) -> Path:
     """A storm-fit checkpoint -> a Hugging Face style directory: ``config.json`` (the components'
     class_path/init_args), ``model.safetensors``, ``tokenizer/``, and for a component built from a
     ``pretrained_path`` its transformers config in ``<component>/config.json`` (so the directory does not
-    need the original checkpoints: their weights are in model.safetensors). ``from_pretrained`` loads it."""
-    import json
-
-    from safetensors.torch import save_model
-
+    need the original checkpoints: their weights are in model.safetensors). ``from_pretrained`` loads it.
+    An existing ``out_dir`` must be an export (it is replaced whole)."""
+    final = Path(out_dir)
+    if final.exists() and not final.is_dir():
+        raise UserError(f"--out {out_dir}: exists and is not a directory")
+    if final.is_dir():
+        others = sorted(p.name for p in final.iterdir() if p.name not in EXPORT_NAMES)
+        if others:
+            raise UserError(f"--out {out_dir}: holds other files than an export's ({others[:3]}): an export "
+                            "replaces its folder whole; give a new folder")
+    for stale in [*final.parent.glob(f".{final.name}.tmp*"), *final.parent.glob(f".{final.name}.old*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed export
     model, _, config, text = _load_checkpoint(checkpoint, config, None)
     model_cfg, _ = model_config(config, text)
     for component, key in ((model.llm, "lora_llm"), (model.vision, "lora_vision")):  # adapters into the weights
         component.model = merge(component.model)
         model_cfg[key] = None
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out_dir}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # written beside, then put in place: a kill midway leaves the previous export whole, never a mix
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp", dir=final.parent))
+    try:
+        _write_export(model, model_cfg, out)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old{os.getpid()}")
+            final.rename(old)
+            out.rename(final)
+            shutil.rmtree(old)
+        else:
+            out.rename(final)
+    finally:
+        if out.exists():
+            shutil.rmtree(out)
+    return final
+
+
+def _write_export(model: StormModel, model_cfg: dict, out: Path) -> None:
+    import json
+
+    from safetensors.torch import save_model
+
     for key in STRUCTURE_FROM_CONFIG:
         init_args = _init_args(model_cfg, key)
         if init_args.get("pretrained_path"):
@@ -202,9 +255,16 @@ def export(checkpoint: str, out_dir: str, config: str | None = None) -> Path:
             init_args["checkpoint_path"] = None
     model.tokenizer.save_pretrained(out / "tokenizer")
     model_cfg["tokenizer_path"] = "tokenizer"  # relative to the export directory
-    (out / EXPORT_CONFIG).write_text(json.dumps({"format": "storm-lightning", "model": model_cfg}, indent=1))
+    config = {"format": "storm-lightning", "model": model_cfg, TOKENIZER_FINGERPRINT: model.tokenizer_fingerprint}
+    (out / EXPORT_CONFIG).write_text(json.dumps(config, indent=1))
     save_model(model, str(out / EXPORT_WEIGHTS))  # tied embeddings are stored once
-    return out
+
+
+def _inside(root: Path, relative: Path) -> bool:
+    """``relative`` names a path inside ``root`` once links are followed (a link out is not inside)."""
+    if relative.is_absolute() or ".." in relative.parts:
+        return False
+    return (root / relative).resolve().is_relative_to(root.resolve())
 
 
 def from_pretrained(directory: str, compressors: list[Compressor] | None = None) -> StormModel:
@@ -217,11 +277,12 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
     if not (root / EXPORT_CONFIG).is_file():
         raise MissingPathError(f"'{directory}' is not a storm-export directory (no {EXPORT_CONFIG})")
     try:
-        model_cfg = dict(json.loads((root / EXPORT_CONFIG).read_text())["model"])
+        spec = json.loads((root / EXPORT_CONFIG).read_text())
+        model_cfg = dict(spec["model"])
         tokenizer = Path(str(model_cfg["tokenizer_path"]))
     except (ValueError, KeyError, TypeError, RecursionError) as exn:
         raise ConfigError(f"{root / EXPORT_CONFIG}: not a storm-export config ({type(exn).__name__}: {exn})") from None
-    if tokenizer.is_absolute() or ".." in tokenizer.parts:  # its tokenizer is its own too
+    if not _inside(root, tokenizer):  # its tokenizer is its own too
         raise ConfigError(f"{root / EXPORT_CONFIG}: model.tokenizer_path must be a folder inside the export "
                           f"directory, got '{tokenizer}'")
     model_cfg["tokenizer_path"] = str(root / tokenizer)
@@ -230,16 +291,22 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
         init_args = _init_args(model_cfg, key)
         if init_args.get("pretrained_path"):
             path = Path(str(init_args["pretrained_path"]))
-            if path.is_absolute() or ".." in path.parts:
+            if not _inside(root, path):
                 raise ConfigError(f"{root / EXPORT_CONFIG}: model.{key}.init_args.pretrained_path must be a folder "
                                   f"inside the export directory, got '{path}'")
             init_args["pretrained_path"], init_args["pretrained_weights"] = str(root / path), False
         if init_args.get("checkpoint_path"):
             init_args["checkpoint_path"] = None
-    model = instantiate(model_cfg, compressors, source=str(root / EXPORT_CONFIG))
     weights = root / EXPORT_WEIGHTS
     if not weights.is_file() or weights.is_symlink():
         raise UserError(f"{weights}: missing, or not a regular file")
+    from storm_lightning.sharded_load import read_header
+
+    stored = sum(math.prod(tensor.shape) for tensor in read_header(root, str(weights)).values())
+    check_fits(model_cfg, stored, str(root / EXPORT_CONFIG), str(weights))
+    model = instantiate(model_cfg, compressors, source=str(root / EXPORT_CONFIG))
+    check_tokenizer(spec, model.tokenizer_fingerprint, str(root / tokenizer), str(root),
+                    "its tokenizer folder was changed after the export; export the checkpoint again")
     try:
         missing, unexpected = load_safetensors(model, str(weights), strict=False)  # tied weights: stored once
     except Exception as exn:  # safetensors' errors: a bad header, a cut file
@@ -251,16 +318,37 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
     return model.eval()
 
 
-def _typed_keys() -> set[str]:
-    """StormModel's arguments that jsonargparse builds from a class (components, LoRA settings): each
-    may be given a {class_path, init_args} or a bare "module.Class" string, and both are imported."""
+def refuse_foreign(section: dict, cls: type, source: str, name: str) -> None:
+    """Refuse a config section (the arguments of ``cls``) naming a class or function outside
+    storm_lightning before jsonargparse imports it: a class_path is imported before it is checked to be
+    a component, and a run's config.yaml or an export's config.json may come from anyone. Modules the
+    user trusts go in the environment variable ``STORM_TRUSTED_MODULES``."""
+    trusted = ("storm_lightning.", *(f"{m.strip()}." for m in os.environ.get(TRUSTED_MODULES, "").split(",") if m.strip()))
+    dotted = _dotted_keys(section)
+    if dotted:
+        raise ConfigError(f"{source}: the {name} section has dotted keys {dotted[:3]}: write them nested")
+    typed = _typed_keys(cls)
+    named = [p for key, value in section.items() for p in _class_paths(value, component=key in typed)]
+    foreign = sorted({v for v in named if not v.startswith(trusted)})
+    if foreign:
+        raise ConfigError(f"{source}: names classes outside storm_lightning: {foreign[:3]} (to load your own "
+                          f"components, name their modules in {TRUSTED_MODULES}, comma-separated)")
+
+
+def _typed_keys(cls: type) -> set[str]:
+    """``cls``'s arguments that jsonargparse builds from a class or resolves to a function (components,
+    LoRA settings, callables): each may be given a {class_path, init_args} or a bare "module.name"
+    string, and both are imported."""
+    import collections.abc
     import typing
 
     def leaves(hint) -> list:
+        if typing.get_origin(hint) is collections.abc.Callable:
+            return [collections.abc.Callable]
         args = typing.get_args(hint)
         return [leaf for arg in args for leaf in leaves(arg)] if args else [hint]
 
-    hints = typing.get_type_hints(StormModel.__init__)
+    hints = typing.get_type_hints(cls.__init__)
     plain = (str, int, float, bool, type(None))
     return {name for name, hint in hints.items()
             if any(isinstance(leaf, type) and leaf not in plain for leaf in leaves(hint))}
@@ -289,7 +377,12 @@ def _class_paths(config, component: bool = False) -> list[str]:
 
 
 def media_batch(model: StormModel, prompt: str, pixel_values: torch.Tensor | None) -> Batch:
-    """A one-sample batch ending with the assistant header."""
+    """A one-sample batch ending with the assistant header. One placeholder in ``prompt`` stays where it
+    is; with no medium, or more than one placeholder for the one medium, they are removed as words of
+    the text, and the medium's placeholder opens the prompt."""
+    placeholders = prompt.count(IMAGE_TOKEN) + prompt.count(VIDEO_TOKEN)
+    if pixel_values is None or placeholders > 1:
+        prompt = prompt.replace(IMAGE_TOKEN, "").replace(VIDEO_TOKEN, "")
     if pixel_values is not None:
         tag = VIDEO_TOKEN if len(pixel_values) > 1 else IMAGE_TOKEN
         if IMAGE_TOKEN not in prompt and VIDEO_TOKEN not in prompt:

@@ -269,16 +269,9 @@ class Storm(lmms):
         return resize_frames(to_rgb(images[0])[None], size)
 
     @staticmethod
-    def _prompt(context: str, pixels: torch.Tensor | None) -> str:
-        """The task's text as the user turn: one placeholder stays where the task put it, any other
-        is removed (``media_batch`` then puts the medium's before the text)."""
-        from storm_lightning.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
-
-        context = context[0] if isinstance(context, list) else context
-        placeholders = context.count(IMAGE_TOKEN) + context.count(VIDEO_TOKEN)
-        if pixels is None or placeholders > 1:
-            context = context.replace(IMAGE_TOKEN, "").replace(VIDEO_TOKEN, "")
-        return context
+    def _prompt(context) -> str:
+        """The task's text as the user turn (``media_batch`` places the medium's placeholder)."""
+        return context[0] if isinstance(context, list) else context
 
     # ---- the lmms interface -----------------------------------------------------------------------
 
@@ -291,7 +284,7 @@ class Storm(lmms):
             gen_kwargs = dict(gen_kwargs or {})
             until, max_new, temperature = _generation_settings(gen_kwargs, task, self.max_new_tokens)
             pixels = self._visual(doc_to_visual, doc_id, task, split)
-            text = generate(self.model, self._prompt(context, pixels), pixels, max_new_tokens=max_new,
+            text = generate(self.model, self._prompt(context), pixels, max_new_tokens=max_new,
                             temperature=temperature, until=until)  # storm-chat's generation
             answers.append(text)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
@@ -311,7 +304,7 @@ class Storm(lmms):
             # the continuation starts the assistant's reply: lmms-eval's target_delimiter (" ") is not part of it
             continuation = continuation.lstrip()
             pixels = self._visual(doc_to_visual, doc_id, task, split)
-            prompt = media_batch(self.model, self._prompt(context, pixels), pixels)
+            prompt = media_batch(self.model, self._prompt(context), pixels)
             target = self.tokenizer.encode(continuation, add_special_tokens=False)
             if not target:
                 results.append(LogLikelihood(0.0, True))

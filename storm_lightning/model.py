@@ -35,8 +35,8 @@ from storm_lightning.llm import CausalLM
 from storm_lightning.lora import LoraSettings, add_lora, load_compatible
 from storm_lightning.projectors import Projector
 from storm_lightning.evaluation import MultipleChoiceMetrics, choice_scores, option_token_ids
-from storm_lightning.tokenizer import (IGNORE_INDEX, check_chat_format, load_tokenizer, media_token_ids,
-                                      tokenizer_fingerprint)
+from storm_lightning.tokenizer import (IGNORE_INDEX, check_chat_format, check_system_prompt, load_tokenizer,
+                                      media_token_ids, tokenizer_fingerprint)
 from storm_lightning.vision import VisionBackbone
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ class StormModel(L.LightningModule):
         self.tokenizer = load_tokenizer(tokenizer_path, key=key)
         check_chat_format(self.tokenizer, key)  # a template that cannot render (or tries to escape its sandbox)
         self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer)  # saved in every checkpoint
+        check_system_prompt(system_prompt, "data.system_prompt (linked to model.system_prompt)")
         if llm.vocab_size < len(self.tokenizer):
             llm.resize_vocab(len(self.tokenizer))
         self.media_token_ids = media_token_ids(self.tokenizer)

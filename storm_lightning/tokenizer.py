@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from storm_lightning.errors import MissingPathError
+from storm_lightning.errors import ConfigError, MissingPathError, UserError
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -37,7 +37,11 @@ def load_tokenizer(path: str, key: str = "data.tokenizer_path"):
 
     if not (Path(path) / "tokenizer_config.json").is_file():
         raise MissingPathError(f"{key}: '{path}' is not a tokenizer directory (no tokenizer_config.json)")
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as exn:  # a cut or foreign file: JSONDecodeError, OSError, ValueError, ...
+        detail = " ".join(str(exn).split())[:200]
+        raise UserError(f"{key}: '{path}' is not a readable tokenizer: {type(exn).__name__}: {detail}") from None
     # the media placeholders always; ChatML's tokens only for a tokenizer without a chat template of its own
     wanted = [IMAGE_TOKEN, VIDEO_TOKEN] if tok.chat_template is not None else SPECIAL_TOKENS
     missing = [t for t in wanted if t not in tok.get_vocab()]
@@ -49,10 +53,19 @@ def load_tokenizer(path: str, key: str = "data.tokenizer_path"):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash of the vocabulary (every token and its id, added ones included): what a checkpoint's
-    embedding rows mean. Two tokenizers with the same fingerprint read token ids alike."""
+    """A short hash of the vocabulary (every token and its id, added ones included: what a checkpoint's
+    embedding rows mean) and of the chat template (the format its prompts were trained in: a base and an
+    instruct tokenizer share a vocabulary and differ there). Same fingerprint, same ids and prompts."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+    spec = json.dumps([vocab, tokenizer.chat_template], ensure_ascii=False, default=str)
+    return hashlib.sha256(spec.encode("utf-8")).hexdigest()[:16]
+
+
+def check_system_prompt(system_prompt: str | None, key: str = "data.system_prompt") -> None:
+    """A system prompt is text: a media placeholder in it would take the place of a sample's medium."""
+    if system_prompt and (IMAGE_TOKEN in system_prompt or VIDEO_TOKEN in system_prompt):
+        raise ConfigError(f"{key}: contains a media placeholder ({IMAGE_TOKEN} or {VIDEO_TOKEN}): each sample's "
+                          "medium goes where its own turn puts it; write the prompt without one")
 
 
 def max_chars_for(tokenizer, max_length: int) -> int:

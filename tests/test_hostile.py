@@ -451,11 +451,13 @@ def test_a_multiple_choice_record_that_contradicts_itself_is_bad():
     for reply in ("C", "c", "(c)", "C.", "(C) blue", "C: blue", "The answer is C.", "Answer: (C)", "A blue one.",
                   "A", "Blue, I think.", "The answer is a dog.", "Answer: a dog", "D.C.", "A.I. is everywhere.",
                   "Answer: A dog.", "The answer is A dog running.", "**C**", "[C]", "My answer is C.",
-                  "I choose a dog.", "My answer is a dog."):
+                  "I choose a dog.", "My answer is a dog.", "It is a dog.", "It is A dog.",
+                  "C, because it is blue.", "答案：C", "blue (C)"):
         assert validate_record(record(reply, answer=2 if reply != "A" else 0), has_media=False).answer in (0, 2)
     for reply in ("A", "B.", "(A) red", " A", "a", "(a)", "Answer: A", "The answer is A.", "Option A", "answer is b",
                   "**A**", "[A]", "[a]", "*A.*", "My answer is B.", "Final answer: A", "I choose B", "I pick option A",
-                  "`B`"):
+                  "`B`", "B, because it moves left.", "B - it moves left.", "B\n\nExplanation: it moves.", "It is B.",
+                  "b) green", "B). green", "(B)green", "B:green", "答案：B", "green (B)", "It's (b)"):
         with pytest.raises(BadRecord, match="answer_mismatch"):
             validate_record(record(reply), has_media=False)
 
@@ -594,9 +596,251 @@ def test_a_checkpoint_is_read_only_with_the_tokenizer_that_trained_it(run_dir):
                   "--trainer.default_root_dir=runs/next")):
         proc = storm_fit(*args, "--data.tokenizer_path=retrained", "--data.num_workers=0", check=False)
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-        assert "another tokenizer than data.tokenizer_path='retrained'" in proc.stderr.strip().splitlines()[-1]
+        assert "another tokenizer than the one in 'retrained'" in proc.stderr.strip().splitlines()[-1]
     config = run_dir / "retrained.yaml"
     config.write_text((run_dir / "runs/sft/config.yaml").read_text().replace("data_shards/tokenizer", "retrained"))
     with pytest.raises(ConfigError, match="another tokenizer"):
         load_model(str(ckpt), str(config))
     load_model(str(ckpt))  # its own tokenizer: loads
+
+
+# ---- eighth pass ---------------------------------------------------------------------------------------
+
+
+def test_placeholders_in_a_chat_prompt_or_system_prompt_are_text_or_refused(tmp_path):
+    """storm-chat's prompt "<image> what is it?" with no image (or two placeholders for one image) was an
+    AssertionError traceback; a placeholder in data.system_prompt passed the build and killed step 1."""
+    from storm_lightning.data import ShardSource, StormDataModule
+    from storm_lightning.inference import build_model, media_batch
+
+    model, _ = build_model(str(SHARDS.parent / "conf/sft.yaml"))
+    image = torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+    for prompt, pixels in (("<image> what is it?", None), ("<image> or <video>?", image), ("<video>", None)):
+        batch = media_batch(model, prompt, pixels)
+        model.expand_inputs(batch)  # one placeholder per medium, none without one: no AssertionError
+    with pytest.raises(ConfigError, match=r"data.system_prompt: contains a media placeholder"):
+        StormDataModule(train_sources=[ShardSource("image", str(SHARDS / "eval/image-000000.tar"))],
+                        tokenizer_path=str(TOKENIZER), system_prompt="Look at the <image> carefully.")
+
+
+def test_a_broken_tokenizer_folder_is_one_line_and_the_fingerprint_covers_the_chat_template(tmp_path):
+    import shutil
+
+    from storm_lightning.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    broken = tmp_path / "tok"
+    shutil.copytree(TOKENIZER, broken)
+    (broken / "tokenizer_config.json").write_text("{")
+    with pytest.raises(UserError, match=r"data.tokenizer_path: '.*tok' is not a readable tokenizer: JSONDecodeError"):
+        load_tokenizer(str(broken))
+    tok = load_tokenizer(str(TOKENIZER))
+    before = tokenizer_fingerprint(tok)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}{% endfor %}"
+    assert tokenizer_fingerprint(tok) != before  # same vocabulary, another prompt format
+
+
+def test_link_members_overlapping_patterns_and_a_compressed_sample_over_its_bound(tmp_path, monkeypatch):
+    """A hard-linked or symlinked image in a tar was dropped without a word (the sample trained as a text
+    question); two patterns matching one shard read it twice; three 1000 MiB entries of one gzipped sample
+    (each under the per-entry limit) took 4.9 GB."""
+    import gzip
+    import io
+    import tarfile
+
+    import storm_lightning.data.shards as shards
+    from storm_lightning.data import ShardSource
+
+    path = tmp_path / "links-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for key in ("s0", "s1", "s2"):
+            info = tarfile.TarInfo(f"{key}.json")
+            info.size = len(conv())
+            tar.addfile(info, io.BytesIO(conv()))
+            info = tarfile.TarInfo(f"{key}.png")
+            if key == "s0":
+                info.size = len(png())
+                tar.addfile(info, io.BytesIO(png()))
+            else:
+                info.type, info.linkname = (tarfile.LNKTYPE if key == "s1" else tarfile.SYMTYPE), "s0.png"
+                tar.addfile(info)
+    s0, s1, s2 = shards.read_shard(str(path))
+    assert s0.problem is None and s1.problem.startswith("link_entry") and s2.problem.startswith("link_entry")
+
+    (tmp_path / "image-hd-000000.tar").write_bytes(path.read_bytes())
+    found = ShardSource("img", str(tmp_path / "{links-*,*-hd-*,image-hd-*}.tar")).shard_paths("data.train_sources[0]")
+    assert len(found) == len(set(found)) == 2
+
+    monkeypatch.setattr(shards, "MAX_STREAM_SAMPLE", 3000)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in (("k.json", conv("hi", "yo.")), ("k.pad0", b"\0" * 2000), ("k.pad1", b"\0" * 2000),
+                           ("ok.json", conv("hi", "yo."))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "bomb-000000.tar.gz").write_bytes(gzip.compress(raw.getvalue()))
+    big, ok = shards.read_shard(str(tmp_path / "bomb-000000.tar.gz"))
+    assert big.problem.startswith("entry_too_large: k.pad1") and big.entries["pad1"] == b"" and ok.problem is None
+
+
+def test_convert_keeps_what_the_annotations_say(tmp_path):
+    """A Latin-1 line of a .jsonl was converted with U+FFFD in place of its letters; a LLaVA record's
+    duration was dropped; Video-MME options lettered out of order were stored under the wrong letters;
+    macOS's ._frame files beside a frame folder's frames were stored as frames."""
+    from PIL import Image
+
+    from storm_lightning.data.benchmarks import _strip_letters
+    from storm_lightning.data.convert import conversation_record, folder_frames, read_annotations
+    from storm_lightning.data.records import BadRecord
+    from storm_lightning.data.video import frame_files
+
+    lines = tmp_path / "a.jsonl"
+    lines.write_bytes('{"q": "café"}\n'.encode("latin-1") + '{"q": "café"}\n'.encode("utf-8"))
+    bad, good = read_annotations(str(lines))
+    assert isinstance(bad, BadRecord) and "line 1" in str(bad) and good == {"q": "café"}
+
+    record = {"video": "v.mp4", "conversations": [{"from": "human", "value": "<video>\nQ?"},
+                                                  {"from": "gpt", "value": "A"}], "duration": 600}
+    assert conversation_record(record).meta["duration"] == "600"
+
+    assert _strip_letters(["A. red", "B. blue"]) == ["red", "blue"]
+    with pytest.raises(BadRecord, match="bad_options: options lettered BA"):
+        _strip_letters(["B. blue", "A. red"])
+
+    frames = tmp_path / "media/clip"
+    frames.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(frames / f"frame_{i}.jpg")
+        (frames / f"._frame_{i}.jpg").write_bytes(b"\0\5\26\7AppleDouble")
+    (frames / "frame_9.jpg").write_bytes(b"not a jpeg")
+    assert [os.path.basename(f) for f in frame_files(frames)] == ["frame_0.jpg", "frame_1.jpg", "frame_2.jpg",
+                                                                  "frame_9.jpg"]
+    with pytest.raises(BadRecord, match="corrupt_media: clip/frame_9.jpg"):
+        folder_frames((tmp_path / "media").resolve(), frames, "clip")
+
+
+def test_an_export_is_replaced_whole_and_read_only_with_its_own_tokenizer_and_size(run_dir, tmp_path):
+    """An export's tokenizer folder swapped for another (or a link out of the export) loaded silently; a
+    3 KB config.json with vocab_size 6,000,000 took gigabytes before any check; a kill during an export
+    over an older one left the new config.json with the old weights."""
+    import shutil
+
+    from storm_lightning.checkpoint import RUN_CONFIG
+    from storm_lightning.inference import _load_checkpoint, export, from_pretrained
+    from tests.conftest import FAST, storm_fit
+
+    storm_fit("--config", "conf/sft.yaml", *FAST)
+    ckpt = run_dir / "runs/sft/checkpoints/last.ckpt"
+    out = run_dir / "exp"
+    export(str(ckpt), str(out))
+    (out / "tokenizer/stale").mkdir()
+    export(str(ckpt), str(out))  # over an export: replaced whole
+    assert not (out / "tokenizer/stale").exists() and not list(run_dir.glob(".exp.*"))
+    from_pretrained(str(out))
+
+    (run_dir / "mine").mkdir()
+    (run_dir / "mine/notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds other files than an export's"):
+        export(str(ckpt), str(run_dir / "mine"))
+    assert (run_dir / "mine/notes.txt").read_text() == "mine"
+
+    swapped = run_dir / "swapped"
+    shutil.copytree(out, swapped)
+    spec = json.loads((swapped / "tokenizer/tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["What"], vocab["ang"] = vocab["ang"], vocab["What"]
+    (swapped / "tokenizer/tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match="tokenizer folder was changed after the export"):
+        from_pretrained(str(swapped))
+
+    linked = run_dir / "linked"
+    shutil.copytree(out, linked)
+    shutil.rmtree(linked / "tokenizer")
+    (linked / "tokenizer").symlink_to(out / "tokenizer")
+    with pytest.raises(ConfigError, match="tokenizer_path must be a folder inside the export"):
+        from_pretrained(str(linked))
+
+    huge = run_dir / "huge"
+    shutil.copytree(out, huge)
+    spec = json.loads((huge / "config.json").read_text())
+    spec["model"]["llm"]["init_args"]["vocab_size"] = 6_000_000
+    (huge / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match="describes a model of .* parameters"):
+        from_pretrained(str(huge))
+    state = torch.load(ckpt, weights_only=True)
+    state[RUN_CONFIG] = state[RUN_CONFIG].replace("vocab_size: 1024", "vocab_size: 6000000")
+    torch.save(state, run_dir / "huge.ckpt")
+    with pytest.raises(ConfigError, match="describes a model of .* parameters"):
+        _load_checkpoint(str(run_dir / "huge.ckpt"), None, None)
+
+
+def test_a_checkpoint_tested_with_other_data_settings_says_so(run_dir):
+    from tests.conftest import FAST, storm_fit
+
+    storm_fit("--config", "conf/sft.yaml", *FAST, "--data.system_prompt=Answer in French.")
+    proc = storm_fit("test", "--config", "conf/sft.yaml", "--ckpt_path", "runs/sft/checkpoints/last.ckpt",
+                     "--trainer.limit_test_batches=1", "--data.num_workers=0")
+    assert "was trained with other settings: data.system_prompt='Answer in French.' (now None)" in proc.stderr
+
+
+def test_config_slips_are_one_line_and_check_imports_nothing(run_dir, tmp_path):
+    """A compressor's own error inside a list override was a jsonargparse traceback; a key given twice
+    kept the last silently; `storm-shards check --config` imported any module a Callable key named."""
+    import argparse
+    import sys
+
+    from storm_lightning.cli import _check_settings
+    from storm_lightning.config_yaml import repeated_keys
+    from storm_lightning.inference import load_config
+    from tests.conftest import storm_fit
+
+    proc = storm_fit("--config", "conf/sft.yaml", "--model.compressors+=TemporalSample",
+                     "--model.compressors.init_args.stride=0", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "storm-fit: config error: TemporalSample stride must be >= 1, got 0"
+
+    assert repeated_keys("model:\n  lr_llm: 1\n  lr_llm: 5\n") == ["lr_llm"]
+    assert repeated_keys("a: &x {b: 1}\nc: *x\nd: {<<: *x, e: 2}\n") == []
+    config = tmp_path / "twice.yaml"
+    config.write_text("model:\n  lr_llm: 1.0e-3\n  lr_llm: 5.0\n")
+    with pytest.raises(UserError, match="the key 'lr_llm' is given twice"):
+        load_config(str(config))
+
+    sys.modules.pop("this", None)
+    config.write_text(f"data:\n  tokenizer_path: {TOKENIZER}\n  visual_tokens: this.s\n")
+    with pytest.raises(ConfigError, match=r"names classes outside storm_lightning: \['this.s'\]"):
+        _check_settings(argparse.Namespace(config=str(config), frames=4), [str(SHARDS / "eval/image-000000.tar")])
+    assert "this" not in sys.modules
+
+
+def test_a_photo_is_read_upright_and_an_odd_member_name_is_printed(tmp_path):
+    import io
+    import subprocess
+    from pathlib import Path
+    import sys
+    import tarfile
+
+    from PIL import Image
+
+    from storm_lightning.data.media import decode_image
+
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 20, 20))  # stored: red on the left; orientation 6 shows it on top
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", exif=exif, quality=95)
+    shown = decode_image(buf.getvalue(), 16)[0].float()
+    assert shown[0, :4].mean() > 200 and shown[0, -4:].mean() < 60  # red at the top, as a viewer shows it
+
+    shard = tmp_path / "names-000000.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        info = tarfile.TarInfo("caf\xe9.json")
+        data = b'{"conversations": [{"from": "human", "value": "hi"}]}'
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    tool = str(Path(sys.executable).with_name("storm-shards"))
+    proc = subprocess.run([tool, "check", str(shard), "--tokenizer",
+                           str(TOKENIZER), "--workers", "1"], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONIOENCODING="utf-8:strict"), timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "caf\\udce9" in proc.stdout, proc.stderr[-1500:]

@@ -68,11 +68,13 @@ def _strip_letters(options: list) -> list[str]:
         raise BadRecord("bad_options", repr(options)[:200])
     if len(options) > len(OPTION_LETTERS):
         raise BadRecord("bad_options", f"{len(options)} options: at most {len(OPTION_LETTERS)} ({OPTION_LETTERS})")
-    out = []
-    for i, option in enumerate(options):
-        match = _LETTERED.match(option)
-        out.append(match.group(2) if match and match.group(1) == OPTION_LETTERS[i] else option.strip())
-    return out
+    matches = [_LETTERED.match(option) for option in options]
+    letters = "".join(m.group(1) if m else "?" for m in matches)
+    if all(matches) and letters != OPTION_LETTERS[:len(options)]:  # which letter would "answer: A" mean?
+        raise BadRecord("bad_options", f"options lettered {letters}: lettered options must come in order "
+                                       f"({OPTION_LETTERS[:len(options)]})")
+    return [m.group(2) if m and m.group(1) == OPTION_LETTERS[i] else option.strip()
+            for i, (option, m) in enumerate(zip(options, matches))]
 
 
 def _candidate(answer, candidates: list[str]) -> int:

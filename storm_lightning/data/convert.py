@@ -112,12 +112,12 @@ def read_annotations(path: str) -> Iterator[object]:
             yield from rows
         return
     if p.suffix == ".jsonl":
-        with open(p, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
+        with open(p, "rb") as f:  # line by line as bytes: a line not in UTF-8 is that record's problem
+            for n, raw in enumerate(f, 1):
+                if raw.strip():
                     try:
-                        yield json.loads(line)
-                    except (ValueError, RecursionError) as exn:
+                        yield json.loads(raw.decode("utf-8"))
+                    except (ValueError, RecursionError) as exn:  # UnicodeDecodeError is a ValueError
                         yield BadRecord("bad_json", f"line {n}: {exn}")
         return
     try:
@@ -181,9 +181,11 @@ def conversation_record(record: dict) -> Normalised:
     if len(media) > 1:
         raise BadRecord("several_media", f"{len(media)} media in one record: one image or one video per sample")
     meta = {"conversations": turns}
-    for extra in ("options", "answer", "category", "start", "end", "fps"):
-        if record.get(extra) is not None:
-            meta[extra] = record[extra]
+    for extra in ("options", "answer", "category", "duration", "start", "end", "fps"):
+        value = record.get(extra)
+        if value is not None:  # a duration group of whole seconds (600) is kept as its text, as benchmarks' are
+            whole = extra == "duration" and isinstance(value, int) and not isinstance(value, bool)
+            meta[extra] = str(value) if whole else value
     return Normalised(meta, media[0] if media else None, record.get("id"))
 
 
@@ -225,6 +227,8 @@ def resolve_media(root: Path, relative) -> Path:
 def folder_frames(root: Path, folder: Path, relative: str) -> list[Path]:
     """The frames of a frame-folder video, each checked like a record's path: a frame that is a link out
     of the media root (or to a device) would otherwise be copied into a shard."""
+    from PIL import Image
+
     from storm_lightning.data.video import frame_files
 
     frames = []
@@ -234,6 +238,11 @@ def folder_frames(root: Path, folder: Path, relative: str) -> list[Path]:
             raise BadRecord("escapes_media_root", f"{relative}/{Path(name).name}")
         if not frame.is_file():
             raise BadRecord("unsupported_media", f"{relative}/{Path(name).name}: not a regular file")
+        try:  # every frame's header (convert decodes a few frames; training any of them)
+            with Image.open(frame):
+                pass
+        except (OSError, ValueError, Image.DecompressionBombError) as exn:  # UnidentifiedImageError: an OSError
+            raise BadRecord("corrupt_media", f"{relative}/{Path(name).name}: {' '.join(str(exn).split())[:200]}") from None
         frames.append(frame)
     return frames
 

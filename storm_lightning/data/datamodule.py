@@ -25,7 +25,7 @@ from storm_lightning.data.samples import SampleProcessor
 from storm_lightning.data.stream import ShardStream, world
 from storm_lightning.data.video import ReadLimits
 from storm_lightning.errors import ConfigError, MissingPathError
-from storm_lightning.tokenizer import check_chat_format, load_tokenizer
+from storm_lightning.tokenizer import check_chat_format, check_system_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class ShardSource:
         "pipe:...", which some readers run). A name the braces spell out exactly must exist: a run that
         quietly trained on 3 of 4 shards would be silent data loss."""
         found = {pattern: sorted(glob.glob(pattern)) for pattern in braceexpand(self.shards)}
-        paths = [os.path.abspath(p) for matches in found.values() for p in matches]
+        # each shard once, in order: overlapping patterns ("{image-*,image-hd-*}") would read one twice
+        paths = list(dict.fromkeys(os.path.abspath(p) for matches in found.values() for p in matches))
         if not paths:
             raise MissingPathError(f"{key}: no shard matches '{self.shards}' (source '{self.name}')")
         missing = [pattern for pattern, matches in found.items() if not matches and not glob.has_magic(pattern)]
@@ -169,6 +170,7 @@ class StormDataModule(L.LightningDataModule):
         # fail now, before anything is read, on a missing tokenizer or shard path
         self.tokenizer = load_tokenizer(tokenizer_path, key="data.tokenizer_path")
         check_chat_format(self.tokenizer, "data.tokenizer_path")
+        check_system_prompt(system_prompt)
         self.system_prompt = system_prompt
         for key, sources in (("train_sources", self.train_sources), ("val_sources", self.val_sources)):
             names = [s.name for s in sources]  # a resumed reader's position and the metrics are keyed by name

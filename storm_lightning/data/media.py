@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
@@ -44,15 +44,25 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 MAX_FRAME_PIXELS = 8192 * 4320
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+
+
 def decode_image(data: bytes | str | Path, size: int, max_pixels: int = MAX_FRAME_PIXELS) -> torch.Tensor:
     """Image bytes, or an image file's path -> (1, 3, size, size) uint8. Over ``max_pixels`` (width x
     height, read from the header before anything is decoded, and a file before the rest of it is read):
-    ValueError."""
+    ValueError. A photo's EXIF orientation is applied (a phone stores it sideways and says so), as a
+    video's rotation is."""
     with Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data) as img:
         if img.width * img.height > max_pixels:
             raise ValueError(f"{img.width}x{img.height} image, over the limit of {max_pixels} pixels")
         img.load()
-        return resize_frames(to_rgb(img)[None], size)
+        return resize_frames(to_rgb(upright(img))[None], size)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says (phones store photos sideways and say so); itself when
+    it says nothing (exif_transpose would copy it)."""
+    return ImageOps.exif_transpose(img) if img.getexif().get(ORIENTATION, 1) != 1 else img
 
 
 def uniform_indices(total: int, num: int) -> list[int]:

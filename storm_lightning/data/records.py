@@ -88,15 +88,21 @@ def _seconds(meta: dict, key: str) -> float | None:
     return float(value)
 
 
-# the option letter a reply gives: "B", "b", "(b)", "[B]", "**B**", "B.", "(B) ...", "B: ...", "Answer: B",
-# "The answer is (B).", "My answer is B.", "Final answer: B", "I choose B", "Option B", "answer is b" (not
-# "A cat.", "The answer is a dog.", "Answer: A dog.", "D.C.": an article, a word). Markdown emphasis is
-# dropped first.
-_PREFIX = (r"\s*(?i:(?:the|my|final|correct)\s+)*(?i:answer|option|choice)\s*(?i:is\s*)?[:\-]?\s*"
-           r"|\s*(?i:i\s+(?:choose|pick|select|go\s+with)\s+)(?i:option\s+)?")
+# the option letter a reply gives: "B", "b", "(b)", "[B]", "**B**", "B.", "(B) ...", "(B)left", "b) left",
+# "B: ...", "B:left", "B, because ...", "B - ...", "B" then a new line, "Answer: B", "The answer is (B).",
+# "My answer is B.", "Final answer: B", "It is B.", "I choose B", "Option B", "answer is b", "答案：B",
+# "left (B)" (not "A cat.", "The answer is a dog.", "Answer: A dog.", "It is a dog.", "D.C.", "A.I. is ...":
+# an article, a word). Markdown emphasis is dropped first.
+_PREFIX = (r"\s*(?i:(?:the|my|final|correct)\s+)*(?i:answer|option|choice)\s*(?i:is\s*)?[:：\-]?\s*"
+           r"|\s*(?i:i\s+(?:choose|pick|select|go\s+with)\s+)(?i:option\s+)?"
+           r"|\s*(?i:it\s+is|it's)\s+(?i:option\s+)?"
+           r"|\s*(?:答案|选项|答)\s*(?:是)?\s*[:：]?\s*")
 _REPLY_LETTER = (re.compile(r"\s*[(\[]?([A-Za-z])[)\]]?\W*$"),
-                 re.compile(r"\s*[(\[]?([A-Z])(?:[.):\]](?=\s|$))"),
-                 re.compile(r"(?:" + _PREFIX + r")(?:[(\[]([A-Za-z])[)\]]|([A-Z])(?=\W*$|[.):\]]\s)|([a-z])(?=\W*$))"))
+                 re.compile(r"\s*[(\[]([A-Za-z])[)\]]"),
+                 re.compile(r"\s*([A-Z])(?:\.(?=\s|$)|[):\],]|\s+-|[ \t]*\n)"),
+                 re.compile(r"\s*([a-z])\)"),
+                 re.compile(r"(?:" + _PREFIX + r")(?:[(\[]([A-Za-z])[)\]]|([A-Z])(?=\W*$|[.):\],]\s|\s*\n)|([a-z])(?=\W*$))"),
+                 re.compile(r".*\(([A-Z])\)\W*$", re.S))
 _EMPHASIS = re.compile(r"[*_`]+")
 
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from storm_lightning.data.records import MAX_RECORD_BYTES
 
 EAGER_BYTES = 1 << 20
-MAX_STREAM_ENTRY = 1 << 30  # an entry of a compressed shard is read whole: more than this is a bad sample
+# the entries of a sample of a compressed shard are read whole: more than this in all is a bad sample
+MAX_STREAM_SAMPLE = 1 << 30
 # WebDataset's key/extension split: the key is the path up to the first dot of the file name
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
@@ -118,22 +119,29 @@ def _group(tar: tarfile.TarFile, path: str, start: int, compressed: bool) -> Ite
         if compressed and member.offset < start:
             continue  # before the resume point: skipped without reading its data (tarfile skips it)
         match = _KEY_EXT.match(member.name)
-        if not member.isreg() or match is None or re.match(r"(.*/)?__[^/]*__$", match.group(1)):
-            continue  # directories, links, files without an extension, WebDataset's __meta__ files
+        link = member.islnk() or member.issym()
+        if not (member.isreg() or link) or match is None or re.match(r"(.*/)?__[^/]*__$", match.group(1)):
+            continue  # directories, devices, files without an extension, WebDataset's __meta__ files
         key, ext = match.group(1), match.group(2).lower()
         if current is not None and key != current.key:
             yield current
             current = None
         if current is None:
             current = RawSample(key, {}, path, member.offset, end)
+            stream_bytes = 0
         if ext in current.entries:
             current.problem = f"duplicate_entry: {key}.{ext} twice in a row"
-        limit = MAX_RECORD_BYTES if ext == "json" else MAX_STREAM_ENTRY if compressed else None
-        if limit is not None and member.size > limit:  # never read: a 20 GB sparse json, a gzip bomb
-            current.problem = f"entry_too_large: {member.name} claims {member.size} bytes, over {limit}"
+        limit = MAX_RECORD_BYTES if ext == "json" else MAX_STREAM_SAMPLE - stream_bytes if compressed else None
+        if link:  # tar stores a second copy of a hard-linked file (and any symlink) as a name, not data
+            current.problem = f"link_entry: {member.name} is a link to {member.linkname!r}: store the file itself"
+            current.entries[ext] = b""
+        elif limit is not None and member.size > limit:  # never read: a 20 GB sparse json, a gzip bomb
+            current.problem = (f"entry_too_large: {member.name} claims {member.size} bytes, over {limit}"
+                               + (f" ({MAX_STREAM_SAMPLE} for a sample of a compressed shard)" if ext != "json" else ""))
             current.entries[ext] = b""
         else:
             current.entries[ext] = _entry(tar, member, path, compressed, ext)
+            stream_bytes += member.size if compressed else 0
         current.end = end
     if current is not None:
         yield current

@@ -39,7 +39,7 @@ import torch
 from av.video.reformatter import VideoReformatter
 from PIL import Image
 
-from storm_lightning.data.media import IMAGE_EXTS, MAX_FRAME_PIXELS, to_rgb, uniform_indices
+from storm_lightning.data.media import IMAGE_EXTS, MAX_FRAME_PIXELS, to_rgb, uniform_indices, upright
 
 
 class VideoReadError(ValueError):
@@ -223,8 +223,9 @@ def read_frame_folder(
 
 
 def frame_files(folder: str | os.PathLike) -> list[str]:
-    """The images of a frame folder in natural name order (``frame_2.jpg`` before ``frame_10.jpg``)."""
-    names = [n for n in os.listdir(folder) if n.rpartition(".")[2].lower() in IMAGE_EXTS]
+    """The images of a frame folder in natural name order (``frame_2.jpg`` before ``frame_10.jpg``);
+    hidden files (macOS's ``._frame_0001.jpg`` beside each frame, ``.DS_Store``) are not frames."""
+    names = [n for n in os.listdir(folder) if n.rpartition(".")[2].lower() in IMAGE_EXTS and not n.startswith(".")]
     if not names:
         raise VideoReadError(f"{folder}: a folder without frames ({', '.join(IMAGE_EXTS)})")
     natural = lambda name: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]  # noqa: E731
@@ -530,7 +531,7 @@ def _read_image(image: bytes | str | os.PathLike | Image.Image, size: int, limit
                 raise VideoTooLarge(f"{img.width}x{img.height} image, over the limit of {limit} pixels")
             if img.format == "JPEG" and not opened:
                 img.draft("RGB", (2 * size, 2 * size))
-            rgb = Image.fromarray(to_rgb(img)).resize((size, size), Image.Resampling.BILINEAR)
+            rgb = Image.fromarray(to_rgb(upright(img))).resize((size, size), Image.Resampling.BILINEAR)
     except (OSError, Image.DecompressionBombError) as e:
         raise VideoReadError(f"not a readable image: {_one_line(e)}") from None
     return np.asarray(rgb).transpose(2, 0, 1)
