@@ -14,7 +14,8 @@ forward on the tiny default config (conf/sft.yaml), and the peak memory of a 2-l
 128-frame x 64-token clip.
 
 ``--scan`` benchmarks ``selective_scan`` alone, called as the projector calls it (D, z, delta_bias,
-softplus): forward+backward time at the tiny default (medians, in this process), then, for each large
+softplus), on both CPU paths (numba's fused loops, the default, and the chunked PyTorch scan):
+forward+backward time at the tiny default's shapes (medians, in this process), then, for each large
 shape in a fresh subprocess, the time of one forward+backward and the growth of peak resident memory
 (VmHWM) over the resident memory measured once the inputs and the output gradient exist. The growth
 includes what forward+backward must return: y and the gradients of u, delta and z, 4 (b, d, l) tensors
@@ -180,9 +181,15 @@ def scan_grad(b: int, d: int, l: int) -> torch.Tensor:
     return torch.randn(b, l, d).transpose(1, 2)
 
 
-def scan_fwd_bwd(x: dict, dy: torch.Tensor) -> None:
+PATHS = ("numba", "chunked")
+
+
+def scan_fwd_bwd(x: dict, dy: torch.Tensor, path: str = "numba") -> None:
+    import importlib
+
     from storm_lightning.ops import selective_scan
 
+    importlib.import_module("storm_lightning.ops.selective_scan").CPU_KERNEL = path == "numba"
     for v in x.values():
         v.grad = None
     selective_scan(**x, delta_softplus=True).backward(dy)
@@ -191,8 +198,9 @@ def scan_fwd_bwd(x: dict, dy: torch.Tensor) -> None:
 def bench_scan_time(b: int, d: int, l: int, n: int, repeats: int) -> None:
     x = scan_inputs(b, d, l, n)
     dy = scan_grad(b, d, l)
-    t = median_time(lambda: scan_fwd_bwd(x, dy), repeats, warmup=2)
-    print(f"scan alone (b, d, l, n) = ({b}, {d}, {l}, {n})  forward+backward {t * 1e3:9.1f} ms")
+    times = {path: median_time(lambda: scan_fwd_bwd(x, dy, path), repeats, warmup=2) for path in PATHS}
+    print(f"scan alone (b, d, l, n) = ({b}, {d}, {l}, {n})  forward+backward: "
+          + ", ".join(f"{path} {t * 1e3:7.1f} ms" for path, t in times.items()))
 
 
 SCAN_PEAK = """
@@ -206,40 +214,42 @@ from benchmarks.bench_scan import scan_inputs, scan_grad, scan_fwd_bwd
 def status(key):  # kB -> bytes
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 
-scan_fwd_bwd(scan_inputs(1, 8, 64, 4), scan_grad(1, 8, 64))  # load and initialise everything first
+scan_fwd_bwd(scan_inputs(1, 8, 64, 4), scan_grad(1, 8, 64), {path!r})  # load and initialise everything first
 x = scan_inputs({b}, {d}, {l}, {n})
 dy = scan_grad({b}, {d}, {l})
 base = status("VmRSS:")
 with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
     f.write("5")
 t = time.perf_counter()
-scan_fwd_bwd(x, dy)
+scan_fwd_bwd(x, dy, {path!r})
 t = time.perf_counter() - t
 print(t, status("VmHWM:") - base, base)
 """
 
 
-def bench_scan_memory(b: int, d: int, l: int, n: int) -> None:
-    code = SCAN_PEAK.format(root=ROOT, b=b, d=d, l=l, n=n, threads=torch.get_num_threads())
+def bench_scan_memory(b: int, d: int, l: int, n: int, path: str) -> None:
+    code = SCAN_PEAK.format(root=ROOT, b=b, d=d, l=l, n=n, threads=torch.get_num_threads(), path=path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
-    shape = f"({b}, {d}, {l}, {n})"
+    shape = f"{path:8s}({b}, {d}, {l}, {n})"
     if out.returncode != 0:
-        print(f"{shape:22s} failed: {out.stderr.strip().splitlines()[-1:]}")
+        print(f"{shape:30s} failed: {out.stderr.strip().splitlines()[-1:]}")
         return
     t, growth, base = (float(v) for v in out.stdout.split())
     bdl, full = b * d * l * 4, b * d * l * n * 4
-    print(f"{shape:22s} {t:8.1f} s  {growth / 2**30:8.2f} GiB  {4 * bdl / 2**30:8.2f} GiB  "
+    print(f"{shape:30s} {t:8.1f} s  {growth / 2**30:8.2f} GiB  {4 * bdl / 2**30:8.2f} GiB  "
           f"{bdl / 2**30:8.3f} GiB  {full / 2**30:8.2f} GiB  (inputs resident: {base / 2**30:.2f} GiB)")
 
 
 def bench_scan(shapes: list[tuple[int, int, int, int]], repeats: int) -> None:
     print("\n== selective_scan alone, as the projector calls it, float32")
-    bench_scan_time(8, 256, 512, 16, repeats)  # tiny default: 8 clips x 32 frames x 16 tokens, d_inner 256
+    bench_scan_time(8, 128, 512, 8, repeats)  # tiny default: 8 clips x 32 frames x 16 tokens, d_inner 128
+    bench_scan_time(8, 256, 512, 16, repeats)  # the same clips at Mamba's usual expand 2, d_state 16
     bench_scan_time(2, 256, 512, 16, repeats)
-    print(f"\n{'(b, d, l, n)':22s} {'fwd+bwd':>10s}  {'peak RSS growth':>12s}  {'floor':>8s}  "
+    print(f"\n{'path (b, d, l, n)':30s} {'fwd+bwd':>10s}  {'peak RSS growth':>12s}  {'floor':>8s}  "
           f"{'one (b,d,l)':>12s}  {'one (b,d,l,n)':>12s}")
     for shape in shapes:
-        bench_scan_memory(*shape)
+        for path in PATHS:
+            bench_scan_memory(*shape, path)
 
 
 def main() -> None:

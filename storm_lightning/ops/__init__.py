@@ -1,4 +1,5 @@
-"""Numerical kernels: the selective scan in pure PyTorch, and access to mamba-ssm's CUDA kernels."""
+"""Numerical kernels: the selective scan (numba's fused loops on a CPU, chunked PyTorch elsewhere), and access
+to mamba-ssm's CUDA kernels."""
 
 from storm_lightning.ops.selective_scan import selective_scan, selective_scan_reference
 

@@ -1,4 +1,8 @@
-"""Selective scan (the S6 recurrence of Mamba) in pure PyTorch, chunked so it is fast on a CPU.
+"""Selective scan (the S6 recurrence of Mamba): ``selective_scan``, and its chunked pure-PyTorch form.
+
+On a CPU, float32 scans run their recurrence in numba's fused loops (``cpu_scan.py``; ``CPU_KERNEL``).
+The chunked PyTorch scan below serves everything else: GPUs without mamba-ssm, float64, an explicit
+``chunk_size``, a CPU without numba.
 
 Semantics and shapes are those of mamba-ssm's ``selective_scan_fn``::
 
