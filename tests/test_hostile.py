@@ -469,7 +469,7 @@ def test_a_checkpoint_is_read_with_the_config_that_trained_it(run_dir):
     from storm_lightning.inference import export, from_pretrained, load_model
     from tests.conftest import FAST, storm_fit
 
-    storm_fit("--config", "conf/sft.yaml", *FAST, "--data.system_prompt=You are terse.")
+    storm_fit("--config", "conf/sft.yaml", *FAST, "--data.system_prompt=You are terse.", "--model.compressors=[]")
     ckpt = run_dir / "runs/sft/checkpoints/last.ckpt"
     assert "You are terse." in torch.load(ckpt, weights_only=True)[RUN_CONFIG]
     config = run_dir / "runs/sft/config.yaml"  # what a second run's start writes

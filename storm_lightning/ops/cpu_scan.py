@@ -2,17 +2,20 @@
 LLVM: nothing is compiled at install time; the loops are compiled at their first call, about 4 s, and
 cached beside this file or in numba's user cache).
 
-``selective_scan`` uses it for float32 CPU tensors (``selective_scan.CPU_KERNEL``). It computes only the
-core of the scan; softplus, delta_bias, D and the z gate stay PyTorch operations around it::
+``selective_scan`` uses it for float32 CPU tensors of at most ``selective_scan.CPU_KERNEL_MAX`` (b, d, l)
+values. It computes only the core of the scan; softplus, delta_bias, D and the z gate stay PyTorch
+operations around it::
 
     u, delta: (b, d, l)   A: (d, n)   B, C: (b, n, l)       (delta already softplus'd and biased)
     h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t        h: (b, d, n), h_0 = 0
     y_t = <C_t, h_t>                                      y: (b, d, l); also h_l: (b, d, n)
 
-Why: the PyTorch scan (``selective_scan._ChunkedScan``) makes about 30 passes over (b, d, l, n)-sized
-data per forward+backward, each a separate operation; here each channel's recurrence runs in one loop
-with its state in registers: 3.7x faster at the tiny default's shape, (8, 128, 512, 8), and 2.6x at
-(8, 256, 512, 16) (docs/performance.md).
+Why: the chunked PyTorch scan (``selective_scan._ChunkedScan``) makes about 30 passes over (b, d, l, n)-sized
+data per forward+backward, each a separate small operation; here each channel's recurrence runs in one
+loop with its state in registers. At the tiny default's clip batch the core is 3.7x faster than the
+chunked scan (18 against 66 ms, freed memory returned); with storm-fit's kept freed memory and the
+PyTorch operations around it, a training step of the default was 8-22 % faster (docs/performance.md).
+For large scans the chunked scan is as fast and leaner, and is used instead.
 
 Forward: one parallel loop over the b*d channels. Backward: the channels are split into as many groups
 as numba has threads, each group in one thread: per channel it runs the recurrence forward again,

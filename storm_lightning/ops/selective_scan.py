@@ -1,8 +1,8 @@
 """Selective scan (the S6 recurrence of Mamba): ``selective_scan``, and its chunked pure-PyTorch form.
 
-On a CPU, float32 scans run their recurrence in numba's fused loops (``cpu_scan.py``; ``CPU_KERNEL``).
-The chunked PyTorch scan below serves everything else: GPUs without mamba-ssm, float64, an explicit
-``chunk_size``, a CPU without numba.
+On a CPU, small float32 scans run their recurrence in numba's loops (``cpu_scan.py``; ``CPU_KERNEL``,
+``CPU_KERNEL_MAX``). The chunked PyTorch scan below serves everything else: large scans, GPUs without
+mamba-ssm, float64, an explicit ``chunk_size``, a CPU without numba.
 
 Semantics and shapes are those of mamba-ssm's ``selective_scan_fn``::
 
@@ -78,10 +78,12 @@ log = logging.getLogger(__name__)
 _STATE_BYTES = 256 * 2**10
 # Steps per block (see _plan).
 _BLOCK = 16
-# On a CPU, float32 scans run the recurrence in numba's fused loops (cpu_scan.py), 2.6-3.7x faster; this
-# module's chunked PyTorch scan serves GPUs without mamba-ssm, float64, an explicit chunk_size, and a CPU
-# without numba. Tests set it to False to test the chunked scan there.
+# On a CPU, float32 scans of at most CPU_KERNEL_MAX (b, d, l) values run the recurrence in numba's loops
+# (cpu_scan.py); this module's chunked PyTorch scan serves larger ones (where it was as fast and needed
+# less memory: docs/performance.md), GPUs without mamba-ssm, float64, an explicit chunk_size, and a CPU
+# without numba. Tests set CPU_KERNEL to False to test the chunked scan on small inputs.
 CPU_KERNEL = True
+CPU_KERNEL_MAX = 1 << 22
 
 
 @functools.cache
@@ -409,7 +411,8 @@ def selective_scan(
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
     D, z, delta_bias = (None if t is None else t.to(compute) for t in (D, z, delta_bias))
-    kernel = _cpu_kernel() if CPU_KERNEL and u.device.type == "cpu" and compute == torch.float32 else None
+    small = b * d * l <= CPU_KERNEL_MAX
+    kernel = _cpu_kernel() if CPU_KERNEL and small and u.device.type == "cpu" and compute == torch.float32 else None
     if kernel is not None and chunk_size is None:
         if delta_bias is not None:
             delta = delta + delta_bias[:, None]
