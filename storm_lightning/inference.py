@@ -136,12 +136,10 @@ def check_fits(model_cfg: dict, stored: int, source: str, weights: str) -> None:
 
 
 def build_model(config: str, compressors: list[Compressor] | None = None,
-                text: str | None = None, stored: int | None = None) -> tuple[StormModel, dict]:
+                text: str | None = None) -> tuple[StormModel, dict]:
     """A StormModel from a storm-fit config (random weights, or its components' pretrained ones), and the
-    config's data section. ``stored``: the number of values of the checkpoint it is for (``check_fits``)."""
+    config's data section."""
     model_cfg, data = model_config(config, text)
-    if stored is not None:
-        check_fits(model_cfg, stored, config, "the checkpoint")
     model = instantiate(model_cfg, compressors, source=config)
     model.llm.load_pending_weights()  # sharded_load (conf/fsdp.yaml): one process reads them whole
     return model, data
@@ -174,7 +172,9 @@ def _load_checkpoint(checkpoint: str, config: str | None, compressors: list[Comp
         text, config = None, str(config or find_config(checkpoint))
     weights = state.get("state_dict", state)
     stored = sum(v.numel() for v in weights.values() if isinstance(v, torch.Tensor)) if isinstance(weights, dict) else None
-    model, data = build_model(config, compressors, text, stored)
+    if stored is not None:
+        check_fits(model_config(config, text)[0], stored, config, checkpoint)
+    model, data = build_model(config, compressors, text)
     check_tokenizer(state, model.tokenizer_fingerprint, model.hparams.tokenizer_path, checkpoint)
     _load_weights(model, state.get("state_dict", state), f"{checkpoint} does not fit the model of {config}")
     return model.eval(), data, config, text
@@ -297,6 +297,7 @@ def from_pretrained(directory: str, compressors: list[Compressor] | None = None)
             init_args["pretrained_path"], init_args["pretrained_weights"] = str(root / path), False
         if init_args.get("checkpoint_path"):
             init_args["checkpoint_path"] = None
+    refuse_foreign(model_cfg, StormModel, str(root / EXPORT_CONFIG), "model")  # before anything else is read
     weights = root / EXPORT_WEIGHTS
     if not weights.is_file() or weights.is_symlink():
         raise UserError(f"{weights}: missing, or not a regular file")

@@ -79,7 +79,7 @@ def config_error_line(proc) -> str:
     (["--model.no_such_key=1"], "unrecognized arguments: --model.no_such_key=1"),
     (["--model.lr_llm=fast"], 'Parser key "model.lr_llm": Expected a <class \'float\'>'),
     (["--model.compressors+=SpatialAveragePool", "--model.compressors.init_args.kernel_size=3"],
-     "model.compressors[0] (SpatialAveragePool): SpatialAveragePool kernel_size=3 must divide the 4x4 token grid"),
+     "model.compressors[1] (SpatialAveragePool): SpatialAveragePool kernel_size=3 must divide the 4x4 token grid"),
     (["--data.image_size=32"], "data.image_size=32 must equal the vision backbone's image size 64"),
     (["--model.init_from=missing.ckpt"], "model.init_from: no such checkpoint file 'missing.ckpt'"),
     (["--data.tokenizer_path=nowhere"], "data.tokenizer_path (linked to model.tokenizer_path): 'nowhere' is not a tokenizer"),
