@@ -176,7 +176,7 @@ def _load_checkpoint(checkpoint: str, config: str | None, compressors: list[Comp
         check_fits(model_config(config, text)[0], stored, config, checkpoint)
     model, data = build_model(config, compressors, text)
     check_tokenizer(state, model.tokenizer_fingerprint, model.hparams.tokenizer_path, checkpoint)
-    _load_weights(model, state.get("state_dict", state), f"{checkpoint} does not fit the model of {config}")
+    _load_weights(model, weights, f"{checkpoint} does not fit the model of {config}")
     return model.eval(), data, config, text
 
 

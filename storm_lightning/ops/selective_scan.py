@@ -411,9 +411,10 @@ def selective_scan(
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
     D, z, delta_bias = (None if t is None else t.to(compute) for t in (D, z, delta_bias))
-    small = b * d * l <= CPU_KERNEL_MAX
-    kernel = _cpu_kernel() if CPU_KERNEL and small and u.device.type == "cpu" and compute == torch.float32 else None
-    if kernel is not None and chunk_size is None:
+    kernel_fits = (CPU_KERNEL and chunk_size is None and b * d * l <= CPU_KERNEL_MAX and u.device.type == "cpu"
+                   and compute == torch.float32)
+    kernel = _cpu_kernel() if kernel_fits else None
+    if kernel is not None:
         if delta_bias is not None:
             delta = delta + delta_bias[:, None]
         if delta_softplus:
